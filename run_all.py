@@ -1,0 +1,89 @@
+"""Run the whole tutorial, step by step, and write out/report.md (the report card).
+
+    python run_all.py --quick    # every step at its --quick size: a few minutes
+    python run_all.py            # the default profile: the results in the READMEs
+    python run_all.py --from 3   # start at step 3 (earlier steps' outputs are reused)
+
+Each command below is exactly what a step's README tells you to run, so this
+script is also a map of the tutorial.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+OUT_DIR = REPO_ROOT / "out"
+
+# (step, title, commands); each command is a script path and its arguments.
+STEPS = [
+    (1, "Tokenizer", [["step1_tokenizer/train_tokenizer.py"],
+                      ["step1_tokenizer/show_tokens.py"]]),
+    (2, "The model", [["step2_model/param_count.py"],
+                      ["step2_model/causality_check.py"],
+                      ["step2_model/kv_cache_bench.py"]]),
+    (3, "Pretraining", [["step3_pretrain/data.py"],
+                        ["step3_pretrain/train_pretrain.py"],
+                        ["step3_pretrain/eval_ppl.py"],
+                        ["step2_model/attention_map.py"]]),
+]
+
+
+def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows += flatten(value, f"{prefix}{key}.")
+        elif not isinstance(value, list):
+            rows.append((prefix + key, value))
+    return rows
+
+
+def write_report(seconds: dict, quick: bool) -> Path:
+    lines = ["# Report card", "", f"Profile: {'quick' if quick else 'default'}.", ""]
+    for step, title, _ in STEPS:
+        lines += [f"## Step {step}: {title}", ""]
+        if step in seconds:
+            lines += [f"Ran in {seconds[step]:.0f} s.", ""]
+        path = OUT_DIR / f"step{step}" / "metrics.json"
+        if path.exists():
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {key} | {value} |" for key, value in flatten(json.loads(path.read_text()))]
+        else:
+            lines.append("(no metrics.json)")
+        lines.append("")
+    report = OUT_DIR / "report.md"
+    OUT_DIR.mkdir(exist_ok=True)
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole tutorial in minutes")
+    parser.add_argument("--from", dest="start", type=int, default=1, help="first step to run")
+    parser.add_argument("--device", default="auto", help="passed to every script")
+    args = parser.parse_args(argv)
+    seconds = {}
+    for step, title, commands in STEPS:
+        if step < args.start:
+            continue
+        print(f"\n=== Step {step}: {title} ===", flush=True)
+        started = time.time()
+        for script, *script_args in commands:
+            cmd = [sys.executable, script, *script_args, "--device", args.device] + (["--quick"] if args.quick else [])
+            print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
+            if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
+                print(f"run_all: step {step} failed at `{' '.join(cmd[1:])}`; fix it, then "
+                      f"`python run_all.py --from {step}`", file=sys.stderr)
+                return 1
+        seconds[step] = time.time() - started
+    report = write_report(seconds, args.quick)
+    print(f"\nreport card: {report.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

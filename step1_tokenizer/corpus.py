@@ -1,0 +1,75 @@
+"""Text in: the documents a tokenizer or a model is trained on.
+
+Two sources, one shape (a list of document strings):
+- a file the user passes: plain UTF-8 text, one document per blank-line-separated
+  block, or JSONL with one {"text": ...} object per line (minimind's pretrain format);
+- the default corpus, generated offline from the fictional world in world.py.
+Step 1 and step 3 both call `default_documents`, so the tokenizer is trained on
+exactly the text the model is pretrained on.
+
+    >>> train, heldout = default_documents(quick=True)
+    >>> docs = read_documents("my_notes.txt")
+"""
+import json
+import re
+from pathlib import Path
+
+from common.cli import UserError
+
+QUICK_BYTES = 200_000       # --quick: seconds to train on
+DEFAULT_BYTES = 5_000_000   # default profile: minutes on a laptop CPU
+HELDOUT_FRACTION = 0.02     # whole documents kept aside for validation
+
+
+def read_documents(path) -> list[str]:
+    """Read a text or JSONL file into documents; bad input is a UserError naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+    if path.suffix == ".jsonl":
+        docs = _jsonl_documents(path, text)
+    else:
+        docs = [block.strip() for block in re.split(r"\n\s*\n", text)]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise UserError(f"{path}: the file holds no text")
+    return docs
+
+
+def _jsonl_documents(path: Path, text: str) -> list[str]:
+    docs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f'{path}, line {number}: expected an object like {{"text": "..."}}')
+        docs.append(record["text"])
+    return docs
+
+
+def split_heldout(docs: list[str], fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
+    """Split by whole documents (every 1/fraction-th one is held out), so no document straddles both sides."""
+    if len(docs) < 2:
+        return docs, docs[:0]
+    every = max(2, round(1 / fraction))
+    heldout = docs[every - 1::every]
+    train = [d for i, d in enumerate(docs) if i % every != every - 1]
+    return train, heldout
+
+
+def default_documents(quick: bool = False, seed: int = 0) -> tuple[list[str], list[str]]:
+    """The generated world corpus as (train, held-out) documents: ~5 MB, or ~200 KB with quick."""
+    from step1_tokenizer.world import build_world, generate_documents
+
+    world = build_world(seed, "quick" if quick else "default")
+    return split_heldout(generate_documents(world, target_bytes=QUICK_BYTES if quick else DEFAULT_BYTES, seed=seed))

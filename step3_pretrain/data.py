@@ -1,0 +1,108 @@
+"""Pretraining data: text -> one long stream of token ids on disk.
+
+    python step3_pretrain/data.py            # the generated world corpus (same text step 1 trained on)
+    python step3_pretrain/data.py --input my.txt   # any UTF-8 text, or JSONL with {"text": ...}
+
+Writes out/step3/train.bin and val.bin (token ids, uint16 when the vocabulary
+fits, else uint32) and meta.json. Every document ends with <|endoftext|>, so
+the model learns where documents stop. The split is by whole documents, so no
+validation text was seen during training.
+
+The files are memory-mapped when read: a corpus far larger than RAM works the
+same, and a training batch is just a slice of the array.
+"""
+import argparse
+import hashlib
+import json
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from tqdm import tqdm
+
+from common.checkpoint import atomic_write_text
+from common.cli import UserError, add_common_args, run_main
+from common.paths import step_dir
+from step1_tokenizer.bpe import DEFAULT_TOKENIZER_PATH, load_tokenizer
+from step1_tokenizer.corpus import default_documents, read_documents, split_heldout
+
+MAKE_DATA = "python step3_pretrain/data.py"
+
+
+def tokenizer_fingerprint(path) -> str:
+    """A short hash of the tokenizer file: token files remember which tokenizer made them."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def encode_documents(tokenizer, docs: list[str], desc: str) -> np.ndarray:
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    ids: list[int] = []
+    for doc in tqdm(docs, desc=desc, unit="doc", leave=False):
+        ids.extend(tokenizer.encode(doc))
+        ids.append(tokenizer.eot_id)
+    return np.array(ids, dtype=dtype)
+
+
+def prepare(data_dir, tokenizer_path=None, input_path=None, quick=False) -> dict:
+    """Tokenize the corpus into data_dir/{train,val}.bin and meta.json; return the meta."""
+    tokenizer_path = pathlib.Path(tokenizer_path or DEFAULT_TOKENIZER_PATH)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if input_path:
+        train_docs, val_docs = split_heldout(read_documents(input_path))
+    else:
+        train_docs, val_docs = default_documents(quick=quick)
+    if not val_docs:
+        raise UserError(f"{input_path}: needs at least 2 documents (blank-line separated) to hold one out")
+    data_dir = pathlib.Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"tokenizer": str(tokenizer_path), "tokenizer_sha": tokenizer_fingerprint(tokenizer_path),
+            "vocab_size": tokenizer.vocab_size, "source": str(input_path or "world corpus"), "quick": quick}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        tokens = encode_documents(tokenizer, docs, split)
+        tokens.tofile(data_dir / f"{split}.bin")
+        meta[split] = {"tokens": int(tokens.size), "documents": len(docs),
+                       "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    meta["dtype"] = str(tokens.dtype)
+    atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def load_tokens(data_dir, split: str, tokenizer_path=None):
+    """Memory-map data_dir/{split}.bin after checking it matches the tokenizer in use."""
+    data_dir = pathlib.Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.exists():
+        raise UserError(f"{meta_path}: no tokenized data; run {MAKE_DATA}")
+    meta = json.loads(meta_path.read_text())
+    tokenizer_path = pathlib.Path(tokenizer_path or DEFAULT_TOKENIZER_PATH)
+    if tokenizer_path.exists() and tokenizer_fingerprint(tokenizer_path) != meta["tokenizer_sha"]:
+        raise UserError(f"{data_dir / (split + '.bin')} was made with a different tokenizer than "
+                        f"{tokenizer_path}; run {MAKE_DATA} again")
+    path = data_dir / f"{split}.bin"
+    expected = meta[split]["tokens"] * np.dtype(meta["dtype"]).itemsize
+    if not path.exists() or path.stat().st_size != expected:
+        raise UserError(f"{path}: missing or of the wrong size (expected {expected} bytes); run {MAKE_DATA}")
+    return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="a UTF-8 text file (documents separated by blank lines) or JSONL with "
+                                        '{"text": ...}; default: the generated world corpus')
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    meta = prepare(args.out or step_dir(3), args.tokenizer, args.input, args.quick)
+    for split in ("train", "val"):
+        info = meta[split]
+        print(f"{split}: {info['documents']:,} documents, {info['bytes']:,} bytes -> {info['tokens']:,} tokens "
+              f"({info['bytes'] / info['tokens']:.2f} bytes/token)")
+    return meta
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,208 @@
+"""Conversation data for supervised fine-tuning: read, check, tokenize, batch -- and look at the mask.
+
+    python step4_sft/data.py --create_sample         # out/step4/sft_train.jsonl and sft_eval.jsonl
+    python step4_sft/data.py --show_mask             # which tokens of a conversation carry loss
+    python step4_sft/data.py --check my_data.jsonl   # load any file and report what would be skipped
+
+The format is one conversation per line (minimind's, ShareGPT-style tools', the OpenAI messages API's):
+
+    {"conversations": [{"role": "system", "content": "..."},      <- optional, first only
+                       {"role": "user", "content": "..."},
+                       {"role": "assistant", "content": "..."}, ...], "task": "math"}   <- "task" optional
+
+Bad lines (not JSON, no assistant turn, an unknown role, empty content, too long for the
+context) are skipped and counted, naming the file and line; with --strict the first one stops
+the run. A conversation longer than the context keeps the turns that fit, cut after the last
+assistant turn that fits; if not even the first answer fits, it is skipped.
+"""
+import argparse
+import json
+import pathlib
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from common.checkpoint import atomic_write_text
+from common.cli import UserError, add_common_args, run_main
+from common.paths import step_dir
+from step1_tokenizer.bpe import load_tokenizer, render_token
+from step4_sft.chat_template import conversation_problem, encode_conversation, shift_labels
+from step4_sft.tasks import make_datasets
+
+MAKE_SAMPLE = "python step4_sft/data.py --create_sample"
+SHOW_MASK_EXAMPLE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Hi, my name is Anna."},
+    {"role": "assistant", "content": "Nice to meet you, Anna!"},
+    {"role": "user", "content": "What is my name?"},
+    {"role": "assistant", "content": "Your name is Anna."},
+]
+
+
+SKIP_KINDS = ("not valid JSON", "expected an object", "unknown role", "empty content", "no assistant turn",
+              "longer than the context")  # how skipped lines are grouped in the summary
+
+
+@dataclass
+class Example:
+    """One tokenized conversation: ids and loss mask (same length), where it came from."""
+    ids: list[int]
+    mask: list[int]
+    task: str | None
+    line: int
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def write_jsonl(records: list[dict], path) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def record_problem(line: str) -> tuple[dict | None, str | None]:
+    """Parse one JSONL line into a record, or say what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not valid JSON ({err.msg})"
+    if not isinstance(record, dict) or "conversations" not in record:
+        return None, 'expected an object like {"conversations": [...]}'
+    return record, conversation_problem(record["conversations"])
+
+
+def load_examples(path, tokenizer, max_tokens: int, strict: bool = False, verbose: bool = True) -> list[Example]:
+    """Read a conversation file into tokenized Examples of at most max_tokens tokens.
+
+    Every problem names the file and the line. strict: the first problem is a UserError;
+    otherwise the line is skipped, and a summary says how many were skipped and why."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: conversation file not found; run {MAKE_SAMPLE} or pass --data FILE")
+    examples, skipped, first_line, truncated = [], Counter(), {}, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record, problem = record_problem(line)
+            if problem is None:
+                ids, mask = encode_conversation(tokenizer, record["conversations"])
+                if len(ids) > max_tokens:
+                    problem = f"longer than the context ({len(ids)} tokens, the limit is {max_tokens})"
+                    if not strict:  # keep the turns that fit, or skip the line if no answer fits
+                        ids, mask = encode_conversation(tokenizer, record["conversations"], max_tokens)
+                        problem, truncated = (None, truncated + 1) if ids else (problem, truncated)
+            if problem is not None:
+                if strict:
+                    raise UserError(f"{path}, line {number}: {problem}; fix it, or leave out --strict to skip such lines")
+                reason = next((kind for kind in SKIP_KINDS if kind in problem), problem)
+                skipped[reason] += 1
+                first_line.setdefault(reason, number)
+                continue
+            task = record.get("task") if isinstance(record.get("task"), str) else None
+            examples.append(Example(ids, mask, task, number))
+    if verbose and (skipped or truncated):
+        total = len(examples) + sum(skipped.values())
+        if skipped:
+            reasons = "; ".join(f"{n} {reason} (first at line {first_line[reason]})" for reason, n in skipped.items())
+            print(f"{path}: skipped {sum(skipped.values())} of {total} conversations: {reasons}")
+        if truncated:
+            print(f"{path}: {truncated} conversations were longer than {max_tokens} tokens; "
+                  f"kept their turns up to the last whole answer that fits")
+    if not examples:
+        raise UserError(f"{path}: no usable conversation in the file (see the reasons above); "
+                        f'each line must be {{"conversations": [..., {{"role": "assistant", ...}}]}}')
+    return examples
+
+
+# ----------------------------------------------------------------------------- batches
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Pad to the longest example (padding has mask 0), then shift: {"idx", "targets"} of shape (B, T-1)."""
+    longest = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.ids)] = torch.tensor(e.ids)
+        mask[row, :len(e.mask)] = torch.tensor(e.mask)
+    inputs, targets = shift_labels(ids, mask)
+    return {"idx": inputs, "targets": targets}
+
+
+def sft_batch(examples: list[Example], batch_size: int, pad_id: int, seed: int, step: int, micro: int) -> dict:
+    """Micro-batch `micro` of step `step`: random examples, a pure function of the arguments
+    (like step 3's random_windows), so a resumed run sees exactly the same batches."""
+    rng = np.random.default_rng([seed, step, micro])
+    return collate([examples[i] for i in rng.integers(0, len(examples), size=batch_size)], pad_id)
+
+
+# ----------------------------------------------------------------------------- looking at the mask
+
+def mask_table(tokenizer, messages) -> str:
+    """Token-by-token table: each position's token, its mask, and what it is trained to predict.
+
+    'label' is the target after the shift: the NEXT token's id where that token has mask 1,
+    else -100 (ignored). So the row that is trained to produce an answer's first token is the
+    header's last token (the newline after 'assistant'), whose own mask is 0."""
+    ids, mask = encode_conversation(tokenizer, messages)
+    inputs, targets = shift_labels(torch.tensor(ids), torch.tensor(mask))
+    rows = [f"{'pos':>4}  {'token':<18} {'id':>6}  {'mask':>4}  {'label':>6}  {'shifted mask':>12}"]
+    for pos, token_id in enumerate(ids):
+        label = int(targets[pos]) if pos < len(targets) else None
+        shifted = "" if label is None else str(int(label != -100))
+        token = repr(render_token(tokenizer.token_bytes(token_id)))
+        rows.append(f"{pos:>4}  {token:<18} {token_id:>6}  {mask[pos]:>4}  {'' if label is None else label:>6}  "
+                    f"{shifted:>12}")
+    trained = sum(mask)
+    rows.append(f"{len(ids)} tokens, {trained} with mask 1 (the assistant answers and their <|im_end|>): "
+                f"the loss averages over {trained} positions")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--create_sample", action="store_true",
+                        help="generate the training and evaluation sets from the fictional world")
+    parser.add_argument("--show_mask", action="store_true", help="print the loss-mask table of a sample conversation")
+    parser.add_argument("--check", default=None, metavar="FILE",
+                        help="load a conversation file as training would, and report what it skips")
+    parser.add_argument("--strict", action="store_true", help="with --check: stop at the first bad line")
+    parser.add_argument("--block_size", type=int, default=256, help="context length for --check (default 256)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--out", default=None, help="folder for sft_train.jsonl / sft_eval.jsonl (default out/step4)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if not (args.create_sample or args.show_mask or args.check):
+        parser.error("choose --create_sample, --show_mask or --check FILE")
+    result = {}
+    if args.create_sample:
+        out_dir = pathlib.Path(args.out or step_dir(4))
+        train, evaluation = make_datasets(args.seed, args.quick)
+        write_jsonl(train, out_dir / "sft_train.jsonl")
+        write_jsonl(evaluation, out_dir / "sft_eval.jsonl")
+        for name, records in (("sft_train.jsonl", train), ("sft_eval.jsonl", evaluation)):
+            counts = Counter(r["task"] for r in records)
+            print(f"wrote {out_dir / name}: {len(records)} conversations "
+                  f"({', '.join(f'{n} {task}' for task, n in counts.items())})")
+        result.update(train=len(train), eval=len(evaluation))
+    if args.show_mask or args.check:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.show_mask:
+        print(mask_table(tokenizer, SHOW_MASK_EXAMPLE))
+    if args.check:
+        examples = load_examples(args.check, tokenizer, args.block_size + 1, strict=args.strict)
+        n_tokens = sum(len(e.ids) for e in examples)
+        print(f"{args.check}: {len(examples)} usable conversations, {n_tokens:,} tokens, "
+              f"{sum(sum(e.mask) for e in examples):,} of them trained (mask 1)")
+        result.update(examples=len(examples), tokens=n_tokens)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,202 @@
+"""LoRA (low-rank adaptation), written from scratch.
+
+Full fine-tuning changes every weight matrix W (out x in). LoRA freezes W and
+learns a low-rank change instead:
+
+    y = W x + (alpha / r) * B A x        A: r x in,  B: out x r,  r << in, out
+
+Only A and B train: (in + out) * r numbers per layer instead of in * out.
+A starts random and B starts at zero, so B A = 0 and the wrapped model is
+exactly the pretrained one at step 0; training moves away from it smoothly.
+alpha / r keeps the size of the update comparable when you change r.
+
+After training, merge() folds the update into W (W' = W + alpha/r * B A):
+the merged model is an ordinary model again, with no extra matmul at
+inference. Before merging, the adapter is tiny on disk: only A and B, plus
+the settings and the base model's config so it cannot be put on the wrong model.
+
+    model = load_model("out/step3/model.pt")
+    wrapped = apply_lora(model, targets=("wq", "wv"), r=8, alpha=16)   # freezes the rest
+    ... train ...
+    save_adapter(model, "out/step4/lora_adapter.pt")
+    merge_lora(model)                                                  # plain Transformer again
+"""
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.cli import UserError
+
+ADAPTER_FORMAT = "lm-tutorial-lora-adapter"
+ATTENTION = ("wq", "wk", "wv", "wo")
+FEED_FORWARD = ("w_gate", "w_up", "w_down")
+ALL_LINEAR = ATTENTION + FEED_FORWARD  # every nn.Linear in a block (not lm_head: it is tied to the embedding)
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear (frozen) plus a trainable low-rank update (alpha / r) * B A."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.r, self.alpha = r, alpha
+        self.scale = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        # kaiming-uniform like nn.Linear's own init: A x has a sensible size from the start,
+        # while B = 0 makes the whole update zero until B learns something
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update as a full matrix, out x in: what merging adds to W."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """W <- W + (alpha / r) B A; return the plain nn.Linear (same output, one matmul)."""
+        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+        return self.base
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """"wq,wv" -> ("wq", "wv"); "all-linear" -> every linear layer of a block."""
+    if text.strip() == "all-linear":
+        return ALL_LINEAR
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [n for n in names if n not in ALL_LINEAR]
+    if unknown or not names:
+        raise UserError(f"--target_modules {text!r}: unknown layer names {unknown}; "
+                        f"use a comma-separated subset of {','.join(ALL_LINEAR)} or all-linear")
+    return names
+
+
+def _target_layers(model: nn.Module, targets) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute name, full name) of every nn.Linear whose name is in targets."""
+    found = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if child_name in targets and isinstance(child, nn.Linear):
+                found.append((module, child_name, f"{name}.{child_name}" if name else child_name))
+    return found
+
+
+def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0) -> list[str]:
+    """Freeze every parameter of `model` and wrap the target linear layers in LoRALinear,
+    in place. Returns the names of the wrapped layers."""
+    if r < 1:
+        raise UserError(f"--lora_r {r} must be at least 1")
+    if lora_layers(model):
+        raise UserError("this model already has LoRA layers; merge_lora() them first")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for parent, attr, full_name in _target_layers(model, set(targets)):
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
+        wrapped.append(full_name)
+    if not wrapped:
+        raise UserError(f"no layer of the model is called any of {list(targets)}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied weight counts once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update into its base weight and put the plain nn.Linear back, in place.
+    The result has the base model's exact structure and state_dict keys."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer.merge())
+    return model
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of the base weights (LoRA A/B excluded), to notice an adapter put on another
+    pretrained model of the same size."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            digest.update(name.replace(".base.", ".").encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def adapter_dict(model: nn.Module) -> dict:
+    """What an adapter file holds: the A and B matrices, the settings, the base config."""
+    layers = lora_layers(model)
+    if not layers:
+        raise UserError("the model has no LoRA layers to save")
+    first = next(iter(layers.values()))
+    return {
+        "format": ADAPTER_FORMAT,
+        "rank": first.r,
+        "alpha": float(first.alpha),
+        "dropout": float(first.dropout.p),
+        "targets": sorted({name.rpartition(".")[2] for name in layers}),
+        "base_config": model.config.to_dict(),
+        "base_fingerprint": base_fingerprint(model),
+        "weights": {f"{name}.{part}": getattr(layer, part).detach().cpu().clone()
+                    for name, layer in layers.items() for part in ("lora_A", "lora_B")},
+    }
+
+
+def save_adapter(model: nn.Module, path) -> None:
+    save_checkpoint(adapter_dict(model), path)
+
+
+def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lora.py") -> nn.Module:
+    """Put the adapter in `path` on `model` (in place) and return it.
+
+    A plain model is wrapped with the adapter's settings first; a model that
+    already has LoRA layers must have the adapter's rank and targets. Anything
+    that does not fit (another base config, another rank) is a UserError."""
+    adapter = load_checkpoint(path, hint=hint)
+    if adapter.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path}: not a LoRA adapter file (format {adapter.get('format')!r}); run {hint}")
+    base_config = model.config.to_dict()
+    if adapter["base_config"] != base_config:
+        differ = [f"{k}={v} there but {base_config.get(k)} here" for k, v in adapter["base_config"].items()
+                  if base_config.get(k) != v]
+        raise UserError(f"{path}: adapter was trained on a different base model ({'; '.join(differ)}); "
+                        f"pass the --checkpoint it was trained on")
+    layers = lora_layers(model)
+    if not layers:
+        apply_lora(model, adapter["targets"], adapter["rank"], adapter["alpha"], adapter["dropout"])
+        layers = lora_layers(model)
+    ranks = sorted({layer.r for layer in layers.values()})
+    if ranks != [adapter["rank"]]:
+        raise UserError(f"{path}: adapter has rank {adapter['rank']} but the model's LoRA layers have "
+                        f"rank {ranks}; wrap the model with --lora_r {adapter['rank']}")
+    expected = {f"{name}.{part}" for name in layers for part in ("lora_A", "lora_B")}
+    if set(adapter["weights"]) != expected:
+        raise UserError(f"{path}: adapter targets {adapter['targets']} do not match the model's LoRA layers")
+    for key, tensor in adapter["weights"].items():
+        layer_name, _, part = key.rpartition(".")
+        param = getattr(layers[layer_name], part)
+        if tensor.shape != param.shape:
+            raise UserError(f"{path}: {key} is {tuple(tensor.shape)} but rank {adapter['rank']} needs "
+                            f"{tuple(param.shape)}; the file is damaged or was edited")
+        with torch.no_grad():
+            param.copy_(tensor)
+    if adapter.get("base_fingerprint") not in (None, base_fingerprint(model)):
+        print(f"warning: {path} was trained on a base model with the same config but other weights; "
+              f"its answers may be poor (was step 3 retrained?)")
+    return model

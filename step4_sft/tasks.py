@@ -1,0 +1,209 @@
+"""The four kinds of conversation step 4 teaches, generated from a seed, and how each is scored.
+
+    facts         a question about the fictional world  ("Where does Wendel live?" -> "Wendel lives in Caldford.")
+                  The knowledge comes from pretraining; SFT only teaches the question-and-answer format.
+                  Train and evaluation questions are about DIFFERENT facts, so a right answer on the
+                  evaluation set can only come from what the model read in step 3.
+    instructions  rewrite (replace a word), list (make a numbered list), count, compare (two numbers)
+    multi_turn    the user says their name or a number, chats about something else, and asks for it back
+    math          a grade-school word problem on small numbers, solved step by step in a fixed format,
+                  ending in a GSM8K-style line "#### <number>"
+
+Every answer is produced by a fixed rule, so a reply can be scored by exact match.
+
+    train, evaluation = make_datasets(seed=0)
+    score("math", "7 + 5 = 12.\\n#### 12", "...\\n#### 12")   # -> True: only the final number counts
+"""
+import json
+import random
+import re
+
+from step1_tokenizer.world import FOODS, SPECIES, ask, build_world
+
+TASKS = ("facts", "instructions", "multi_turn", "math")
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly.",
+                  "You are an assistant who knows the towns, people and creatures of the land."]
+SYSTEM_CHANCE = 0.3  # this share of conversations starts with a system prompt
+# Train sizes per task (default, quick) and evaluation sizes per task.
+TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 3000, "math": 4000},
+               "quick": {"facts": 150, "instructions": 150, "multi_turn": 150, "math": 150}}
+EVAL_SIZES = {"default": 100, "quick": 8}
+EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
+
+USER_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Kate",
+              "Leo", "Maya", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tina", "Omar", "Lena", "Max", "Nina",
+              "Ivan", "Zoe", "Eli", "Ruth", "Adam", "Lucy", "Tom", "Sara", "Hans", "Mila", "Otto", "Vera",
+              "Karl", "Alma", "Finn", "Ines", "Luca"]
+EVAL_NAMES = USER_NAMES[::4]  # never used in training conversations: recall must copy, not memorise
+TRAIN_NAMES = [n for n in USER_NAMES if n not in EVAL_NAMES]
+ITEMS = ["apples", "pears", "coins", "shells", "marbles", "books", "eggs", "stamps", "cookies", "pencils"]
+WORDS = sorted(set(FOODS + SPECIES + ITEMS))
+
+
+def _with_system(rng, messages: list[dict]) -> list[dict]:
+    if rng.random() < SYSTEM_CHANCE:
+        return [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + messages
+    return messages
+
+
+def _chat(rng, task: str, *turns: str) -> dict:
+    """A record {"task", "conversations"} from alternating user / assistant texts."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return {"task": task, "conversations": _with_system(rng, messages)}
+
+
+# ----------------------------------------------------------------------------- (a) facts
+
+def fact_conversation(fact, rng) -> dict:
+    question, answer = ask(fact, rng)
+    return _chat(rng, "facts", question, answer)
+
+
+# ----------------------------------------------------------------------------- (b) instructions
+
+def _word_list(rng, low=2, high=5) -> list[str]:
+    return rng.sample(WORDS, rng.randint(low, high))
+
+
+def rewrite_turn(rng) -> tuple[str, str]:
+    words = _word_list(rng, 3, 5)
+    old, new = rng.choice(words), rng.choice([w for w in WORDS if w not in words])
+    replaced = [new if w == old else w for w in words]
+
+    def sentence(ws):
+        return f"I like {', '.join(ws[:-1])} and {ws[-1]}."
+    return f'Rewrite this sentence, replacing "{old}" with "{new}": {sentence(words)}', sentence(replaced)
+
+
+def list_turn(rng) -> tuple[str, str]:
+    words = _word_list(rng)
+    return (f"Make a numbered list of these items: {', '.join(words)}.",
+            "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1)))
+
+
+def count_turn(rng) -> tuple[str, str]:
+    words = _word_list(rng, 2, 7)
+    return f"How many items are in this list: {', '.join(words)}?", f"There are {len(words)} items."
+
+
+def compare_turn(rng) -> tuple[str, str]:
+    a, b = rng.sample(range(1, 100), 2)
+    if rng.random() < 0.5:
+        return f"Which number is larger, {a} or {b}?", f"{max(a, b)} is larger than {min(a, b)}."
+    return f"Which number is smaller, {a} or {b}?", f"{min(a, b)} is smaller than {max(a, b)}."
+
+
+INSTRUCTIONS = [rewrite_turn, list_turn, count_turn, compare_turn]
+
+
+def instruction_conversation(rng) -> dict:
+    return _chat(rng, "instructions", *rng.choice(INSTRUCTIONS)(rng))
+
+
+# ----------------------------------------------------------------------------- (c) multi-turn recall
+
+def multi_turn_conversation(rng, names, filler_facts) -> dict:
+    """Say a name (and maybe a number), talk about 1-2 other things, then ask for one of them back."""
+    name, number = rng.choice(names), rng.randint(1, 99)
+    if rng.random() < 0.5:
+        opening = (rng.choice([f"Hi, my name is {name}.", f"Hello! I am {name}.", f"Call me {name}, please."]),
+                   f"Nice to meet you, {name}!")
+    else:
+        opening = (f"Hi, I am {name} and my lucky number is {number}.",
+                   f"Nice to meet you, {name}! I will remember your lucky number.")
+    turns = list(opening)
+    for _ in range(rng.randint(1, 2)):
+        if rng.random() < 0.5:
+            turns += ask(rng.choice(filler_facts), rng)
+        else:
+            turns += rng.choice(INSTRUCTIONS)(rng)
+    if "lucky number" in opening[0] and rng.random() < 0.5:
+        turns += [rng.choice(["What is my lucky number?", "Do you remember my lucky number?"]),
+                  f"Your lucky number is {number}."]
+    else:
+        turns += [rng.choice(["What is my name?", "Do you remember my name?"]), f"Your name is {name}."]
+    return _chat(rng, "multi_turn", *turns)
+
+
+# ----------------------------------------------------------------------------- (d) math word problems
+
+ADD = ["buys {n} more", "finds {n} more", "gets {n} more from a friend"]
+SUBTRACT = ["gives {n} away", "loses {n}", "sells {n}"]
+MAX_TOTAL = 30  # keep every number small: the model has to learn each sum it uses
+
+
+def math_conversation(rng, names) -> dict:
+    """'Anna has 7 apples. Then Anna buys 5 more. ...' solved one operation per line."""
+    name, item = rng.choice(names), rng.choice(ITEMS)
+    total = rng.randint(2, 20)
+    story = [f"{name} has {total} {item}."]
+    steps = [f"{name} starts with {total} {item}."]
+    for _ in range(rng.randint(1, 3)):
+        add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
+        n = rng.randint(1, min(9, MAX_TOTAL - total) if add else min(9, total - 1))
+        verb = rng.choice(ADD if add else SUBTRACT).format(n=n)
+        new_total = total + n if add else total - n
+        story.append(f"Then {name} {verb}.")
+        steps.append(f"{name} {verb}: {total} {'+' if add else '-'} {n} = {new_total}.")
+        total = new_total
+    story.append(f"How many {item} does {name} have now?")
+    steps.append(f"#### {total}")
+    return _chat(rng, "math", " ".join(story), "\n".join(steps))
+
+
+# ----------------------------------------------------------------------------- the two sets
+
+def _key(record: dict) -> str:
+    """What makes two conversations 'the same item': the user and assistant turns (not the system prompt)."""
+    return json.dumps([m for m in record["conversations"] if m["role"] != "system"])
+
+
+def make_datasets(seed: int = 0, quick: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train, evaluation) records. No evaluation conversation occurs in the training set; the
+    facts are split by fact, and the user names of multi-turn recall by name."""
+    profile = "quick" if quick else "default"
+    rng = random.Random(seed)
+    facts = list(build_world(seed).facts)  # the world step 3 pretrained on (same seed)
+    rng.shuffle(facts)
+    n_eval_facts = max(1, round(len(facts) * EVAL_FACT_SHARE))
+    eval_facts, train_facts = facts[:n_eval_facts], facts[n_eval_facts:]
+
+    makers = {"facts": lambda r, names: fact_conversation(r.choice(train_facts), r),
+              "instructions": lambda r, names: instruction_conversation(r),
+              "multi_turn": lambda r, names: multi_turn_conversation(r, names, train_facts),
+              "math": lambda r, names: math_conversation(r, names)}
+    train = [makers[task](rng, TRAIN_NAMES) for task, n in TRAIN_SIZES[profile].items() for _ in range(n)]
+    rng.shuffle(train)
+
+    seen, evaluation = {_key(r) for r in train}, []
+    n_eval = EVAL_SIZES[profile]
+    evaluation += [fact_conversation(f, rng) for f in eval_facts[:n_eval]]
+    for task in ("instructions", "multi_turn", "math"):
+        made = 0
+        while made < n_eval:
+            record = makers[task](rng, EVAL_NAMES)
+            if _key(record) not in seen:  # a repeat of a training item would test memory, not skill
+                seen.add(_key(record))
+                evaluation.append(record)
+                made += 1
+    return train, evaluation
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def normalize(text: str) -> str:
+    """Compare answers up to case, spacing and a final full stop."""
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def final_number(text: str) -> str | None:
+    """The number on the '#### <number>' line (GSM8K's convention), or None."""
+    match = re.search(r"####\s*(-?\d+)", text)
+    return match.group(1) if match else None
+
+
+def score(task: str, reply: str, expected: str) -> bool:
+    """Exact match: the whole reply (normalized), or for math only the final number."""
+    if task == "math":
+        return final_number(reply) is not None and final_number(reply) == final_number(expected)
+    return normalize(reply) == normalize(expected)

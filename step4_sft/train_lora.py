@@ -1,0 +1,73 @@
+"""LoRA fine-tuning: the same SFT, but only small low-rank matrices train.
+
+    python step4_sft/train_lora.py --lora_r 8                       # q and v projections (the LoRA paper's choice)
+    python step4_sft/train_lora.py --lora_r 16 --target_modules all-linear
+    python step4_sft/train_lora.py --quick
+
+The pretrained weights stay frozen; every targeted nn.Linear gets a LoRA update
+(see lora.py). Only the adapter is saved (out/step4/lora_adapter.pt): a few
+hundred KB instead of the whole model. chat.py and eval_sft.py load the base
+model, put the adapter on and merge it, so answering costs nothing extra.
+"""
+import argparse
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from common.cli import run_main
+from common.metrics import write_metrics
+from common.paths import step_dir
+from step4_sft.lora import apply_lora, count_trainable, parse_targets, save_adapter
+from step4_sft.train_sft import PROFILES as SFT_PROFILES
+from step4_sft.train_sft import add_sft_args, file_mb, run_sft, setup
+
+# LoRA trains far fewer numbers, each of which must move further: a larger learning rate
+# than full fine-tuning, and no weight decay (it would pull B A back towards "no change").
+PROFILES = {name: {**p, "lr": p["lr"] * 3} for name, p in SFT_PROFILES.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lora_r", type=int, default=8, help="rank r of the update B A (default 8)")
+    parser.add_argument("--lora_alpha", type=float, default=16.0,
+                        help="the update is scaled by alpha / r (default 16)")
+    parser.add_argument("--lora_dropout", type=float, default=0.05,
+                        help="dropout on the LoRA branch's input while training (default 0.05)")
+    parser.add_argument("--target_modules", default="wq,wv",
+                        help="layers to adapt: comma-separated names among wq,wk,wv,wo,w_gate,w_up,w_down, "
+                             "or all-linear (default wq,wv)")
+    add_sft_args(parser, PROFILES)
+    args = parser.parse_args(argv)
+    targets = parse_targets(args.target_modules)
+    run = setup(args, PROFILES)
+    model, dist = run["model"], run["dist"]
+    wrapped = apply_lora(model, targets, args.lora_r, args.lora_alpha, args.lora_dropout)
+    trainable, total = count_trainable(model)
+    if dist.is_main:
+        print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {len(wrapped)} layers ({','.join(targets)}): "
+              f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.2f}")
+    result = run_sft(model, run, args.seed, args.resume, "lora", weight_decay=0.0)
+    if not dist.is_main:
+        return result
+    adapter_path = run["out_dir"] / "lora_adapter.pt"
+    save_adapter(model, adapter_path)
+    metrics = {"trainable_params": trainable, "total_params": total,
+               "trainable_percent": round(100 * trainable / total, 3), "lora_r": args.lora_r,
+               "lora_alpha": args.lora_alpha, "target_modules": list(targets),
+               "train_seconds": result["train_seconds"], "peak_memory_mb": result["peak_memory_mb"],
+               "tokens_per_sec": result["tokens_per_sec"], "steps": result["steps"],
+               "final_train_loss": round(result["final_train_loss"], 4),
+               "val_loss": None if result["val_loss"] is None else round(result["val_loss"], 4),
+               "file_mb": file_mb(adapter_path), "profile": run["settings"]["profile"]}
+    if run["out_dir"] == step_dir(4):
+        write_metrics(4, metrics, section="lora")
+    print(f"saved {adapter_path} ({metrics['file_mb']} MB) after {result['train_seconds']:.0f} s; "
+          f"assistant-token loss: train {metrics['final_train_loss']}, validation {metrics['val_loss']}")
+    print(f"next: python step4_sft/chat.py --lora {adapter_path}")
+    return {**result, **metrics}
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,156 @@
+"""Supervised fine-tuning (SFT): teach the pretrained model to answer, on every weight.
+
+    python step4_sft/train_sft.py                                  # out/step3/model.pt -> out/step4/sft_model.pt
+    python step4_sft/train_sft.py --data my_chats.jsonl --max_steps 2000
+    python step4_sft/train_sft.py --quick                          # seconds: a smoke test
+
+Pretraining and SFT use the same model, the same next-token loss and the same
+training loop (common/train.py). Only the data and the loss mask differ: the
+model reads whole conversations but is scored only on the assistant's tokens,
+so it learns to WRITE answers, not to predict what users type.
+
+The pieces that train_lora.py shares (arguments, data, the training call) are here.
+"""
+import argparse
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch
+
+from common.checkpoint import save_checkpoint
+from common.cli import UserError, add_common_args, run_main
+from common.device import pick_device
+from common.distributed import init_distributed
+from common.metrics import write_metrics
+from common.model import checkpoint_dict, load_model
+from common.paths import step_dir
+from common.seed import seed_everything
+from common.train import TrainConfig, train
+from step1_tokenizer.bpe import load_tokenizer
+from step4_sft.data import MAKE_SAMPLE, collate, load_examples, sft_batch
+
+MAKE_BASE = "python step3_pretrain/train_pretrain.py"
+# Any flag given on the command line wins over its profile. Fine-tuning moves a trained model
+# a little: fewer steps and a smaller learning rate than pretraining.
+PROFILES = {
+    "quick": dict(max_steps=30, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=5, eval_every=0, ckpt_every=0),
+    "default": dict(max_steps=600, batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=30, eval_every=100,
+                    ckpt_every=200),
+    "gpu": dict(max_steps=1000, batch_size=64, grad_accum=1, lr=5e-4, warmup_steps=50, eval_every=200,
+                ckpt_every=500),
+}
+TRAIN_KEYS = tuple(PROFILES["default"])
+
+
+def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.ArgumentParser:
+    """The flags train_sft.py and train_lora.py share."""
+    parser.add_argument("--checkpoint", default=None, help="pretrained model (default out/step3/model.pt)")
+    parser.add_argument("--data", default=None, help="training conversations, JSONL (default out/step4/sft_train.jsonl)")
+    parser.add_argument("--eval_data", default=None,
+                        help="held-out conversations for the validation loss (default out/step4/sft_eval.jsonl)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--out", default=None, help="output folder (default out/step4)")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad line of the data")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
+    for key in TRAIN_KEYS:
+        parser.add_argument(f"--{key}", type=type(profiles["default"][key]), default=None,
+                            help=f"default {profiles['default'][key]} (quick: {profiles['quick'][key]})")
+    add_common_args(parser)
+    return parser
+
+
+def setup(args, profiles: dict) -> dict:
+    """Device, settings, tokenizer, the pretrained model and the tokenized data."""
+    device = pick_device(args.device)
+    dist = init_distributed(device)
+    if device.type == "cuda" and dist.world_size > 1:
+        device = torch.device("cuda", dist.local_rank)
+    seed_everything(args.seed)
+    profile = "quick" if args.quick else ("gpu" if device.type == "cuda" else "default")
+    settings = {"profile": profile, **profiles[profile]}
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+
+    out_dir = pathlib.Path(args.out or step_dir(4))
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_BASE)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
+                        f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
+    max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
+    data_path = pathlib.Path(args.data or step_dir(4) / "sft_train.jsonl")
+    examples = load_examples(data_path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
+    eval_path = pathlib.Path(args.eval_data or step_dir(4) / "sft_eval.jsonl")
+    val_examples = load_examples(eval_path, tokenizer, max_tokens, verbose=False) if eval_path.exists() else []
+    if dist.is_main:
+        print(f"{len(examples):,} training conversations from {data_path}, "
+              f"{sum(sum(e.mask) for e in examples):,} assistant tokens")
+    return dict(device=device, dist=dist, settings=settings, out_dir=out_dir, tokenizer=tokenizer,
+                model=model, examples=examples, val_examples=val_examples)
+
+
+@torch.no_grad()
+def assistant_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
+    """Mean loss per assistant token over `examples`: the validation loss."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for first in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[first:first + batch_size], pad_id).items()}
+        n = int((batch["targets"] != -100).sum())
+        total += float(model(**batch)[1]) * n
+        count += n
+    return total / max(count, 1)
+
+
+def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: float | None = None) -> dict:
+    """Train with the shared loop on random padded batches of conversations; return its figures."""
+    settings, examples, pad_id = run["settings"], run["examples"], run["tokenizer"].eot_id
+    cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
+    if weight_decay is not None:
+        cfg.weight_decay = weight_decay
+    val = run["val_examples"][:200]
+    return train(
+        model, cfg,
+        lambda step, micro: sft_batch(examples, cfg.batch_size, pad_id, seed, step, micro),
+        device=run["device"], checkpoint_path=run["out_dir"] / f"{name}_checkpoint.pt",
+        eval_fn=(lambda m: assistant_loss(m, val, pad_id)) if val else None,
+        resume=resume, checkpoint_meta={"config": model.config.to_dict()}, dist_info=run["dist"],
+        desc=name, plot_path=run["out_dir"] / f"{name}_loss.png")
+
+
+def file_mb(path) -> float:
+    return round(pathlib.Path(path).stat().st_size / 2**20, 3)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sft_args(parser, PROFILES)
+    args = parser.parse_args(argv)
+    run = setup(args, PROFILES)
+    model, dist = run["model"], run["dist"]
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if dist.is_main:
+        print(f"full fine-tuning ({run['settings']['profile']} profile on {run['device']}): "
+              f"all {n_params:,} parameters train")
+    result = run_sft(model, run, args.seed, args.resume, "sft")
+    if not dist.is_main:
+        return result
+    model_path = run["out_dir"] / "sft_model.pt"
+    save_checkpoint(checkpoint_dict(model), model_path)
+    metrics = {"trainable_params": n_params, "total_params": n_params, "train_seconds": result["train_seconds"],
+               "peak_memory_mb": result["peak_memory_mb"], "tokens_per_sec": result["tokens_per_sec"],
+               "steps": result["steps"], "final_train_loss": round(result["final_train_loss"], 4),
+               "val_loss": None if result["val_loss"] is None else round(result["val_loss"], 4),
+               "file_mb": file_mb(model_path), "profile": run["settings"]["profile"]}
+    if run["out_dir"] == step_dir(4):
+        write_metrics(4, metrics, section="full_sft")
+    print(f"saved {model_path} ({metrics['file_mb']} MB) after {result['train_seconds']:.0f} s; "
+          f"assistant-token loss: train {metrics['final_train_loss']}, validation {metrics['val_loss']}")
+    print(f"next: python step4_sft/chat.py --checkpoint {model_path}")
+    return {**result, **metrics}
+
+
+if __name__ == "__main__":
+    run_main(main)

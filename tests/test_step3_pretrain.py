@@ -1,0 +1,159 @@
+"""Step 3 -- pretraining: data on disk, the shared training loop, exact resume, DDP."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.cli import UserError
+from common.model import ModelConfig, Transformer
+from common.train import TrainConfig, lr_at, make_optimizer, train
+from step1_tokenizer.bpe import Tokenizer
+from step1_tokenizer.corpus import default_documents
+from step3_pretrain import data, train_pretrain
+from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
+from tests.verification import REPO_ROOT
+
+
+def pretrain_args(run, out, *extra):
+    return ["--quick", "--data", str(run.data), "--tokenizer", str(run.tokenizer), "--out", str(out), *extra]
+
+
+def losses(out_dir):
+    return load_checkpoint(out_dir / "checkpoint.pt")["history"]["loss"]
+
+
+@pytest.mark.verifies(3, "the token files decode back to the corpus documents, each ended by <|endoftext|>")
+def test_token_files_decode_to_the_documents(quick_run):
+    tokenizer = Tokenizer.load(quick_run.tokenizer)
+    train_docs, val_docs = default_documents(quick=True)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        tokens, meta = data.load_tokens(quick_run.data, split, quick_run.tokenizer)
+        assert meta[split]["documents"] == len(docs)
+        ids = tokens.tolist()
+        assert ids.count(tokenizer.eot_id) == len(docs) and ids[-1] == tokenizer.eot_id
+        pieces, start = [], 0
+        for end in (i for i, t in enumerate(ids) if t == tokenizer.eot_id):
+            pieces.append(tokenizer.decode(ids[start:end]))
+            start = end + 1
+        assert pieces == docs
+
+
+@pytest.mark.verifies(3, "pretraining brings the validation loss far below a uniform guess over the vocabulary")
+def test_pretraining_learns(quick_run):
+    result = quick_run.pretrain_result
+    uniform = math.log(Tokenizer.load(quick_run.tokenizer).vocab_size)
+    history = result["history"]
+    assert history["loss"][0] > 0.9 * uniform          # an untrained model is close to uniform
+    assert result["val_loss"] < 0.85 * uniform  # quick profile measured 4.90 vs uniform 6.24
+    assert (quick_run.pretrain / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.verifies(3, "bits per byte is the total loss in bits divided by the text's UTF-8 bytes")
+def test_bits_per_byte_of_a_uniform_model():
+    tokenizer = Tokenizer([], ["<|endoftext|>"])             # bytes only: 257 ids
+    text = "héllo, wörld! " * 20
+    tokens = np.array(tokenizer.encode(text), dtype=np.int64)
+    model = Transformer(ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    torch.nn.init.zeros_(model.lm_head.weight)                # every logit 0: a uniform guess
+    result = evaluate_stream(model, tokens, token_byte_lengths(tokenizer), block_size=16)
+    n = result["tokens"]
+    assert n == (len(tokens) - 1) // 16 * 16
+    assert result["loss"] == pytest.approx(math.log(257))
+    assert result["bytes"] == n                               # byte-level: one byte per token
+    assert result["bpb"] == pytest.approx(math.log2(257))
+
+
+@pytest.mark.verifies(3, "an interrupted run (Ctrl-C, or killed between checkpoints) resumes to exactly "
+                         "the uninterrupted run's losses")
+def test_resume_is_exact(quick_run, tmp_path, monkeypatch):
+    reference = losses(quick_run.pretrain)
+    real_windows = train_pretrain.random_windows
+
+    def interrupt_at(step, error):
+        def windows(tokens, block_size, batch_size, seed, s, micro):
+            if s == step:
+                raise error
+            return real_windows(tokens, block_size, batch_size, seed, s, micro)
+        return windows
+
+    # Ctrl-C at step 8: a checkpoint is saved on the way out, at step 8.
+    monkeypatch.setattr(train_pretrain, "random_windows", interrupt_at(8, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train_pretrain.main(pretrain_args(quick_run, tmp_path / "ctrl_c"))
+    assert load_checkpoint(tmp_path / "ctrl_c" / "checkpoint.pt")["step"] == 8
+    # A crash at step 20 saves nothing: the quick profile's last checkpoint is at step 15.
+    monkeypatch.setattr(train_pretrain, "random_windows", interrupt_at(20, RuntimeError("killed")))
+    with pytest.raises(RuntimeError):
+        train_pretrain.main(pretrain_args(quick_run, tmp_path / "killed"))
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 15
+
+    monkeypatch.setattr(train_pretrain, "random_windows", real_windows)
+    for name in ("ctrl_c", "killed"):
+        train_pretrain.main(pretrain_args(quick_run, tmp_path / name, "--resume"))
+        assert losses(tmp_path / name) == reference    # exactly, float for float
+
+
+@pytest.mark.verifies(3, "two DDP processes reproduce the losses of one process with the same global batch")
+def test_ddp_matches_one_process(quick_run, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "step3_pretrain/train_pretrain.py", *pretrain_args(quick_run, tmp_path / "ddp", "--batch_size", "4")]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train_pretrain.main(pretrain_args(quick_run, tmp_path / "single", "--batch_size", "4", "--grad_accum", "2"))
+    two, one = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert len(two) == len(one) == 30
+    # Same batches, same gradients; only the order of float additions differs.
+    np.testing.assert_allclose(two, one, rtol=1e-4)
+
+
+@pytest.mark.verifies(3, "a NaN loss stops training with a clear message and keeps the last good checkpoint")
+def test_nan_stops_and_keeps_the_last_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_kv_head=1, n_embd=16))
+    tokens = np.arange(1000) % 32
+
+    def batches(step, micro):
+        if step == 7:  # something goes badly wrong: a weight becomes NaN
+            with torch.no_grad():
+                model.tok_emb.weight[tokens[:9]] = float("nan")
+        return train_pretrain.random_windows(tokens, 8, 4, 0, step, micro)
+
+    cfg = TrainConfig(max_steps=10, batch_size=4, warmup_steps=1, eval_every=0, ckpt_every=5)
+    with pytest.raises(UserError, match="loss became nan at step 7.*last good checkpoint"):
+        train(model, cfg, batches, device=torch.device("cpu"), checkpoint_path=tmp_path / "ck.pt")
+    kept = load_checkpoint(tmp_path / "ck.pt")
+    assert kept["step"] == 5
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+@pytest.mark.verifies(3, "norms and biases get no weight decay, and the learning rate warms up then decays")
+def test_optimizer_groups_and_schedule():
+    model = Transformer(ModelConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_kv_head=1, n_embd=16))
+    cfg = TrainConfig(max_steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.1)
+    decay, no_decay = make_optimizer(model, cfg).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    norm_ids = {id(p) for name, p in model.named_parameters() if "norm" in name}
+    assert {id(p) for p in no_decay["params"]} == norm_ids
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # halfway through the cosine
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+@pytest.mark.verifies(3, "a token file from another tokenizer, a corrupt checkpoint or a block size longer "
+                         "than the data is refused with what to run")
+def test_bad_inputs_say_what_to_run(quick_run, tmp_path):
+    other = tmp_path / "other_tokenizer.json"
+    Tokenizer([(104, 105)]).save(other)
+    with pytest.raises(UserError, match="different tokenizer.*step3_pretrain/data.py"):
+        data.load_tokens(quick_run.data, "train", other)
+    with pytest.raises(UserError, match="longer than the data"):
+        train_pretrain.main(pretrain_args(quick_run, tmp_path / "x", "--block_size", "10000000"))
+    corrupt = tmp_path / "model.pt"
+    corrupt.write_bytes(quick_run.model.read_bytes()[:1000])
+    from step3_pretrain import sample
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        sample.main(["--checkpoint", str(corrupt), "--tokenizer", str(quick_run.tokenizer)])
