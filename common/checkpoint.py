@@ -10,9 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from common.cli import UserError
+
+# torch is imported inside the functions that need it: step 1 writes files through
+# atomic_write_text and stays free of torch's start-up time.
 
 
 def _atomic_write(path, write) -> None:
@@ -33,6 +34,8 @@ def _atomic_write(path, write) -> None:
 
 def save_checkpoint(obj: dict, path) -> None:
     """Save a dict of tensors / plain values atomically."""
+    import torch
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -45,6 +48,8 @@ def load_checkpoint(path, map_location="cpu", hint: str = "") -> dict:
 
     `hint` is the command that makes the file, e.g. "python step3_pretrain/train_pretrain.py".
     """
+    import torch
+
     path = Path(path)
     then = f"; run {hint}" if hint else ""
     if not path.exists():

@@ -27,16 +27,19 @@ Extension points used by later steps (all without copying this file):
   `context` to it (see Block).
 - step 6 (images) calls `model.embed(idx)`, overwrites the rows of image
   tokens, and passes `model(inputs_embeds=...)`.
-- the optional Triton kernels (common/kernels/) replace RMSNorm.forward and
-  `cross_entropy_loss`: each is one small piece, so the swap is one line.
+- the optional Triton kernels (common/kernels/) take over RMSNorm.forward and
+  `cross_entropy_loss` for CUDA tensors (`--kernels auto|triton|torch`); the
+  PyTorch code here is what every other device runs.
 """
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import kernels  # optional fused Triton kernels, used on CUDA only
 from common.cli import UserError
 from common.checkpoint import load_checkpoint
 
@@ -62,12 +65,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        for f in fields(self):  # a checkpoint or a typo must not smuggle in a string or a float
+        for f in fields(self):  # a hand-edited checkpoint must not smuggle in "4" or 4.5
             value = getattr(self, f.name)
-            if f.type is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-            elif not isinstance(value, _FIELD_TYPES[f.type]) or (f.type is int and isinstance(value, bool)):
+            if not isinstance(value, _ACCEPTS[f.type]) or (f.type is not bool and isinstance(value, bool)):
                 raise UserError(f"ModelConfig: {f.name}={value!r} should be of type {f.type.__name__}")
+            setattr(self, f.name, f.type(value))  # numpy ints -> int, 1 -> 1.0
         problems = []
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_multiple_of"):
             if getattr(self, name) < 1:
@@ -117,7 +119,7 @@ class ModelConfig:
         return cls(**d)
 
 
-_FIELD_TYPES = {int: int, float: (int, float), bool: bool}
+_ACCEPTS = {int: numbers.Integral, float: numbers.Real, bool: bool}  # field type -> values it takes
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -133,6 +135,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.is_cuda:  # the fused Triton kernel: the same numbers with less memory traffic
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()  # the mean of squares in float32 even when the model runs in bf16
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return x32.type_as(x) * self.weight
@@ -285,7 +289,7 @@ class Block(nn.Module):
 
     def add_cross_attention(self, module: nn.Module) -> None:
         """Plug a cross-attention module into this block, with its own fresh pre-norm."""
-        self.cross_norm = RMSNorm(self.config.n_embd, self.config.norm_eps).to(self.ffn_norm.weight.device)
+        self.cross_norm = RMSNorm(self.config.n_embd, self.config.norm_eps).to(self.ffn_norm.weight)
         self.cross_attn = module
 
     def forward(self, x, cos, sin, kv_cache=None, context=None):
@@ -303,6 +307,8 @@ def cross_entropy_loss(logits, targets):
     gives 0/0 = NaN when every target is ignored (say, a batch that holds only
     prompts). Summing and dividing by max(count, 1) gives 0 instead, still
     attached to the graph so backward() works (with zero gradients)."""
+    if logits.is_cuda:  # the fused Triton kernel never materialises the softmax
+        return kernels.cross_entropy(logits, targets, IGNORE_INDEX)
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     n_scored = (targets != IGNORE_INDEX).sum()
@@ -389,17 +395,21 @@ class Transformer(nn.Module):
                         top_p: float | None = None, stop_tokens=(), use_cache: bool = True, generator=None):
         """Yield the next tokens one at a time, each a (B,) LongTensor.
 
-        idx: (B, T) prompt. temperature 0 means greedy (argmax). Stops after
-        max_new_tokens, or once every row has produced one of stop_tokens (the
-        stop token is yielded; a row that stopped repeats its stop token while
-        others go on). Call model.eval() first so dropout is off.
+        idx: (B, T) prompt. temperature 0 means greedy (argmax). stop_tokens:
+        token ids (an int or a list); generation ends once every row has
+        produced one (the stop token is yielded; a row that stopped repeats it
+        while the others go on), or after max_new_tokens. Call model.eval()
+        first so dropout is off.
 
         Context longer than block_size: without the cache the model sees the
         last block_size tokens at every step. With the cache, when it is full
-        it is rebuilt from the last block_size // 2 tokens (RoPE positions are
-        baked into cached keys, so the window cannot simply slide by one); so
-        beyond block_size the two modes see different windows."""
+        it is rebuilt from the last block_size // 2 tokens: the window cannot
+        slide by one, because the cached keys and values of layers above the
+        first were computed while the oldest token was still visible. So past
+        block_size the two modes see different windows; up to it they agree."""
         check_sampling_args(temperature, top_k, top_p)
+        if isinstance(stop_tokens, int):
+            stop_tokens = [stop_tokens]
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         block_size, cache, seq = self.config.block_size, None, idx

@@ -94,6 +94,7 @@ def main(argv=None):
 
     bytes_per_token, mb_per_s = measure(args.out, heldout_docs, train_docs)
     results = {
+        "trained_on": source,
         "vocab_size": tok.vocab_size,
         "num_merges": len(tok.merges),
         "train_mb": round(num_bytes(train_docs) / 1e6, 3),

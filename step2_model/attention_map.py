@@ -18,6 +18,8 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from dataclasses import replace
+
 import torch
 
 from common.cli import UserError, add_common_args, run_main
@@ -33,8 +35,22 @@ DEFAULT_TEXT = "Once upon a time, a small dragon lived by the river."
 QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
-def load_model_or_random(checkpoint, device, quick: bool):
-    """(model, note): the step-3 model if it loads, else a random one and why."""
+def load_tokenizer_or_none(tokenizer_path):
+    """(tokenizer or None, note): step 1's BPE tokenizer if its file loads."""
+    explicit = tokenizer_path is not None
+    path = pathlib.Path(tokenizer_path) if explicit else paths.OUT_DIR / "tokenizer.json"
+    if not path.exists() and not explicit:
+        return None, f"no tokenizer at {path} (run python step1_tokenizer/train_tokenizer.py)"
+    try:
+        return load_tokenizer(path), f"BPE tokenizer {path}"
+    except UserError as err:
+        if explicit:  # the learner asked for this file: say what is wrong with it
+            raise
+        return None, f"could not load {path} ({err})"
+
+
+def load_model_or_random(checkpoint, device, quick: bool, min_vocab: int = 0):
+    """(model, note): the step-3 model if it loads, else a random one (with at least min_vocab tokens) and why."""
     explicit = checkpoint is not None
     path = pathlib.Path(checkpoint) if explicit else step_dir(3) / "model.pt"
     if path.exists():
@@ -49,31 +65,23 @@ def load_model_or_random(checkpoint, device, quick: bool):
                         f"or leave out --checkpoint")
     else:
         note = f"no trained model at {path} yet (run step 3 to get one)"
-    model = Transformer(QUICK_CONFIG if quick else ModelConfig()).to(device).eval()
+    config = QUICK_CONFIG if quick else ModelConfig()
+    config = replace(config, vocab_size=max(config.vocab_size, min_vocab))
+    model = Transformer(config).to(device).eval()
     return model, f"RANDOMLY INITIALISED model: {note}"
 
 
-def tokenize(text: str, tokenizer_path, vocab_size: int):
-    """(ids, labels, note): the BPE tokenizer of step 1 if its file exists, else raw UTF-8 bytes."""
-    explicit = tokenizer_path is not None
-    path = pathlib.Path(tokenizer_path) if explicit else paths.OUT_DIR / "tokenizer.json"
-    note = f"no tokenizer at {path} (run python step1_tokenizer/train_tokenizer.py)"
-    if path.exists() or explicit:
-        try:
-            tok = load_tokenizer(path)
-        except UserError as err:
-            if explicit:
-                raise
-            note = f"could not load {path} ({err})"
-        else:
-            ids = tok.encode(text)
-            if tok.vocab_size <= vocab_size:
-                return ids, [render_token(tok.token_bytes(i)) for i in ids], f"BPE tokenizer {path}"
-            note = f"{path} has {tok.vocab_size} tokens but the model only {vocab_size}"
-    # Fallback: one token per UTF-8 byte (ids 0..255, the first 256 ids of every step-1 tokenizer).
+def tokenize(text: str, tokenizer, vocab_size: int):
+    """(ids, labels, note or None): with the tokenizer if it fits the model, else one token per UTF-8 byte."""
+    if tokenizer is not None and tokenizer.vocab_size <= vocab_size:
+        ids = tokenizer.encode(text)
+        return ids, [render_token(tokenizer.token_bytes(i)) for i in ids], None
+    why = "no tokenizer" if tokenizer is None else \
+        f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}"
+    # ids 0..255 are the bytes in every step-1 tokenizer, and every model here has vocab_size >= 256
     data = text.encode("utf-8")
-    ids = [b % vocab_size for b in data]  # (every model here has vocab_size >= 256: % changes nothing)
-    return ids, [render_token(bytes([b])) for b in data], f"byte-level fallback, one token per byte: {note}"
+    return [b % vocab_size for b in data], [render_token(bytes([b])) for b in data], \
+        f"byte-level fallback, one token per byte ({why})"
 
 
 def draw_maps(maps, labels, layers, title):
@@ -125,8 +133,11 @@ def main(argv=None):
     seed_everything(args.seed)
     device = pick_device(args.device)
 
-    model, model_note = load_model_or_random(args.checkpoint, device, args.quick)
-    ids, labels, tok_note = tokenize(args.text, args.tokenizer, model.config.vocab_size)
+    tokenizer, tok_note = load_tokenizer_or_none(args.tokenizer)
+    model, model_note = load_model_or_random(args.checkpoint, device, args.quick,
+                                             tokenizer.vocab_size if tokenizer else 0)
+    ids, labels, fallback_note = tokenize(args.text, tokenizer, model.config.vocab_size)
+    tok_note = fallback_note + f"; {tok_note}" if fallback_note else tok_note
     limit = min(args.max_tokens, model.config.block_size)
     ids, labels = ids[:limit], labels[:limit]
     if len(ids) < 2:

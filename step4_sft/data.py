@@ -31,7 +31,7 @@ import torch
 from common.checkpoint import atomic_write_text
 from common.cli import UserError, add_common_args, run_main
 from common.paths import step_dir
-from step1_tokenizer.bpe import load_tokenizer, render_token
+from step1_tokenizer.bpe import load_tokenizer
 from step4_sft.chat_template import conversation_problem, encode_conversation, shift_labels
 from step4_sft.tasks import make_datasets
 
@@ -75,46 +75,69 @@ def record_problem(line: str) -> tuple[dict | None, str | None]:
     return record, conversation_problem(record["conversations"])
 
 
+class SkipReport:
+    """Bad lines: with strict, the first is a UserError naming file and line; otherwise counted by kind."""
+
+    def __init__(self, path, strict: bool):
+        self.path, self.strict = path, strict
+        self.counts, self.first_line = Counter(), {}
+
+    def add(self, line: int, problem: str) -> None:
+        if self.strict:
+            raise UserError(f"{self.path}, line {line}: {problem}; fix it, or leave out --strict to skip such lines")
+        kind = next((kind for kind in SKIP_KINDS if kind in problem), problem)
+        self.counts[kind] += 1
+        self.first_line.setdefault(kind, line)
+
+    def summary(self, total: int) -> str | None:
+        if not self.counts:
+            return None
+        kinds = "; ".join(f"{n} {kind} (first at line {self.first_line[kind]})" for kind, n in self.counts.items())
+        return f"{self.path}: skipped {sum(self.counts.values())} of {total} conversations: {kinds}"
+
+
+def read_conversations(path, report: SkipReport):
+    """Yield (line number, record) for every usable line of a conversation file, in order;
+    bad lines go to `report` (which raises at once when strict)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: conversation file not found; run {MAKE_SAMPLE} or pass --data FILE")
+    with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes become U+FFFD, never a crash
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                record, problem = record_problem(line)
+                if problem is None:
+                    yield number, record
+                else:
+                    report.add(number, problem)
+
+
 def load_examples(path, tokenizer, max_tokens: int, strict: bool = False, verbose: bool = True) -> list[Example]:
     """Read a conversation file into tokenized Examples of at most max_tokens tokens.
 
     Every problem names the file and the line. strict: the first problem is a UserError;
     otherwise the line is skipped, and a summary says how many were skipped and why."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: conversation file not found; run {MAKE_SAMPLE} or pass --data FILE")
-    examples, skipped, first_line, truncated = [], Counter(), {}, 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    report = SkipReport(path, strict)
+    examples, truncated = [], 0
+    for number, record in read_conversations(path, report):
+        ids, mask = encode_conversation(tokenizer, record["conversations"])
+        if len(ids) > max_tokens:
+            problem = f"longer than the context ({len(ids)} tokens, the limit is {max_tokens})"
+            ids, mask = encode_conversation(tokenizer, record["conversations"], max_tokens)
+            if strict or not ids:
+                report.add(number, problem if ids else problem + "; not even its first answer fits")
                 continue
-            record, problem = record_problem(line)
-            if problem is None:
-                ids, mask = encode_conversation(tokenizer, record["conversations"])
-                if len(ids) > max_tokens:
-                    problem = f"longer than the context ({len(ids)} tokens, the limit is {max_tokens})"
-                    if not strict:  # keep the turns that fit, or skip the line if no answer fits
-                        ids, mask = encode_conversation(tokenizer, record["conversations"], max_tokens)
-                        problem, truncated = (None, truncated + 1) if ids else (problem, truncated)
-            if problem is not None:
-                if strict:
-                    raise UserError(f"{path}, line {number}: {problem}; fix it, or leave out --strict to skip such lines")
-                reason = next((kind for kind in SKIP_KINDS if kind in problem), problem)
-                skipped[reason] += 1
-                first_line.setdefault(reason, number)
-                continue
-            task = record.get("task") if isinstance(record.get("task"), str) else None
-            examples.append(Example(ids, mask, task, number))
-    if verbose and (skipped or truncated):
-        total = len(examples) + sum(skipped.values())
-        if skipped:
-            reasons = "; ".join(f"{n} {reason} (first at line {first_line[reason]})" for reason, n in skipped.items())
-            print(f"{path}: skipped {sum(skipped.values())} of {total} conversations: {reasons}")
-        if truncated:
-            print(f"{path}: {truncated} conversations were longer than {max_tokens} tokens; "
-                  f"kept their turns up to the last whole answer that fits")
+            truncated += 1
+        task = record.get("task") if isinstance(record.get("task"), str) else None
+        examples.append(Example(ids, mask, task, number))
+    summary = report.summary(len(examples) + sum(report.counts.values()))
+    if verbose and summary:
+        print(summary)
+    if verbose and truncated:
+        print(f"{path}: {truncated} conversations were longer than {max_tokens} tokens; "
+              f"kept their turns up to the last whole answer that fits")
     if not examples:
-        raise UserError(f"{path}: no usable conversation in the file (see the reasons above); "
+        raise UserError(f"{path}: no usable conversation in the file{' (see above)' if summary else ''}; "
                         f'each line must be {{"conversations": [..., {{"role": "assistant", ...}}]}}')
     return examples
 
@@ -154,7 +177,7 @@ def mask_table(tokenizer, messages) -> str:
     for pos, token_id in enumerate(ids):
         label = int(targets[pos]) if pos < len(targets) else None
         shifted = "" if label is None else str(int(label != -100))
-        token = repr(render_token(tokenizer.token_bytes(token_id)))
+        token = repr(tokenizer.token_bytes(token_id).decode("utf-8", errors="backslashreplace"))
         rows.append(f"{pos:>4}  {token:<18} {token_id:>6}  {mask[pos]:>4}  {'' if label is None else label:>6}  "
                     f"{shifted:>12}")
     trained = sum(mask)

@@ -21,8 +21,7 @@ import re
 from step1_tokenizer.world import FOODS, SPECIES, ask, build_world
 
 TASKS = ("facts", "instructions", "multi_turn", "math")
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly.",
-                  "You are an assistant who knows the towns, people and creatures of the land."]
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly."]
 SYSTEM_CHANCE = 0.3  # this share of conversations starts with a system prompt
 # Train sizes per task (default, quick) and evaluation sizes per task.
 TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 3000, "math": 4000},
@@ -36,7 +35,7 @@ USER_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo",
               "Karl", "Alma", "Finn", "Ines", "Luca"]
 EVAL_NAMES = USER_NAMES[::4]  # never used in training conversations: recall must copy, not memorise
 TRAIN_NAMES = [n for n in USER_NAMES if n not in EVAL_NAMES]
-ITEMS = ["apples", "pears", "coins", "shells", "marbles", "books", "eggs", "stamps", "cookies", "pencils"]
+ITEMS = ["apples", "berries", "acorns", "mushrooms", "carrots", "coins", "beetles", "seeds"]  # words the corpus uses
 WORDS = sorted(set(FOODS + SPECIES + ITEMS))
 
 
@@ -109,17 +108,17 @@ def multi_turn_conversation(rng, names, filler_facts) -> dict:
         opening = (rng.choice([f"Hi, my name is {name}.", f"Hello! I am {name}.", f"Call me {name}, please."]),
                    f"Nice to meet you, {name}!")
     else:
-        opening = (f"Hi, I am {name} and my lucky number is {number}.",
-                   f"Nice to meet you, {name}! I will remember your lucky number.")
+        opening = (f"Hi, I am {name} and my favorite number is {number}.",
+                   f"Nice to meet you, {name}! I will remember your favorite number.")
     turns = list(opening)
     for _ in range(rng.randint(1, 2)):
         if rng.random() < 0.5:
             turns += ask(rng.choice(filler_facts), rng)
         else:
             turns += rng.choice(INSTRUCTIONS)(rng)
-    if "lucky number" in opening[0] and rng.random() < 0.5:
-        turns += [rng.choice(["What is my lucky number?", "Do you remember my lucky number?"]),
-                  f"Your lucky number is {number}."]
+    if "favorite number" in opening[0] and rng.random() < 0.5:
+        turns += [rng.choice(["What is my favorite number?", "Do you remember my favorite number?"]),
+                  f"Your favorite number is {number}."]
     else:
         turns += [rng.choice(["What is my name?", "Do you remember my name?"]), f"Your name is {name}."]
     return _chat(rng, "multi_turn", *turns)
@@ -133,7 +132,7 @@ MAX_TOTAL = 30  # keep every number small: the model has to learn each sum it us
 
 
 def math_conversation(rng, names) -> dict:
-    """'Anna has 7 apples. Then Anna buys 5 more. ...' solved one operation per line."""
+    """'Wendel has 7 apples. Then Wendel buys 5 more. ...' solved one operation per line."""
     name, item = rng.choice(names), rng.choice(ITEMS)
     total = rng.randint(2, 20)
     story = [f"{name} has {total} {item}."]
@@ -158,20 +157,30 @@ def _key(record: dict) -> str:
     return json.dumps([m for m in record["conversations"] if m["role"] != "system"])
 
 
-def make_datasets(seed: int = 0, quick: bool = False) -> tuple[list[dict], list[dict]]:
+def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, evaluation) records. No evaluation conversation occurs in the training set; the
-    facts are split by fact, and the user names of multi-turn recall by name."""
+    facts are split by fact, and the user names of multi-turn recall by name.
+    world_seed: the world step 3 pretrained on (step1_tokenizer.corpus.default_documents uses seed 0)."""
     profile = "quick" if quick else "default"
     rng = random.Random(seed)
-    facts = list(build_world(seed).facts)  # the world step 3 pretrained on (same seed)
-    rng.shuffle(facts)
-    n_eval_facts = max(1, round(len(facts) * EVAL_FACT_SHARE))
-    eval_facts, train_facts = facts[:n_eval_facts], facts[n_eval_facts:]
+    facts = list(build_world(world_seed).facts)
+    # Split by fact. Best friends come in pairs (A's friend is B, B's friend is A): one pair is
+    # one piece of knowledge, so both of its facts go to the same side.
+    groups = {}
+    for f in facts:
+        key = frozenset((f.entity, f.value)) if f.relation == "friend" else (f.entity, f.relation)
+        groups.setdefault(key, []).append(f)
+    groups = list(groups.values())
+    rng.shuffle(groups)
+    n_eval_groups = max(1, round(len(groups) * EVAL_FACT_SHARE))
+    eval_facts = [f for g in groups[:n_eval_groups] for f in g]
+    train_facts = [f for g in groups[n_eval_groups:] for f in g]
+    people = sorted({f.entity for f in facts if f.relation == "profession"})  # short tokens: the corpus names them
 
     makers = {"facts": lambda r, names: fact_conversation(r.choice(train_facts), r),
               "instructions": lambda r, names: instruction_conversation(r),
               "multi_turn": lambda r, names: multi_turn_conversation(r, names, train_facts),
-              "math": lambda r, names: math_conversation(r, names)}
+              "math": lambda r, names: math_conversation(r, people)}
     train = [makers[task](rng, TRAIN_NAMES) for task, n in TRAIN_SIZES[profile].items() for _ in range(n)]
     rng.shuffle(train)
 

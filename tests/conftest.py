@@ -1,7 +1,13 @@
 """pytest plugin: at the end of every run, print each step's verification list
 with each item ticked (all its tests passed), crossed (one failed) or marked
 not run. Shared fixtures for the tests live below it."""
+import os
 import sys
+
+# The Triton kernels are tested on the CPU through Triton's interpreter, which is switched on
+# when a kernel is defined: so before anything (torch._dynamo included) imports triton.
+# Harmless elsewhere: in "auto" mode CPU tensors take the PyTorch path anyway.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections import defaultdict
 
 import pytest
@@ -68,6 +74,16 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # ----------------------------------------------------------------------------- shared fixtures
+
+@pytest.fixture(scope="session", autouse=True)
+def keep_out_dir_clean(tmp_path_factory):
+    """Tests never write into the learner's out/: step_dir() points into a temporary folder."""
+    import common.paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common.paths, "OUT_DIR", tmp_path_factory.mktemp("out"))
+        yield
+
 
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):

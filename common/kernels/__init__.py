@@ -1,7 +1,7 @@
 """Optional Triton kernels, and the switch that picks them or plain PyTorch.
 
     from common.kernels import rms_norm, cross_entropy, set_kernels
-    y = rms_norm(x, weight, eps=1e-6)             # x (..., hidden), weight (hidden,)
+    y = rms_norm(x, weight, eps=1e-5)             # x (..., hidden), weight (hidden,)
     loss = cross_entropy(logits, targets)         # logits (..., vocab), targets (...) ids, -100 = ignore
     set_kernels("torch")                          # "auto" (default) | "triton" | "torch"
 
@@ -19,6 +19,7 @@ says so once (warnings.warn).
 Importing this package never fails for want of Triton (macOS, Windows, or a
 CPU-only install): everything then takes the PyTorch path.
 """
+import os
 import warnings
 
 import torch
@@ -26,15 +27,19 @@ import torch
 from common.cli import UserError
 from common.kernels.reference import cross_entropy_reference, rms_norm_reference
 
-try:  # Triton is Linux + NVIDIA (or AMD) only; elsewhere this import fails
-    from common.kernels import cross_entropy_triton as _cross_entropy_triton
-    from common.kernels import rmsnorm_triton as _rmsnorm_triton
-    TRITON_AVAILABLE = True
-    TRITON_IMPORT_ERROR = None
-except Exception as err:  # ImportError, or a broken install: fall back, never fail the import
-    _cross_entropy_triton = _rmsnorm_triton = None
-    TRITON_AVAILABLE = False
-    TRITON_IMPORT_ERROR = f"{type(err).__name__}: {err}"
+_cross_entropy_triton = _rmsnorm_triton = None
+TRITON_AVAILABLE = False
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # Nothing to launch the kernels on: skip importing Triton (over a second of start-up).
+    TRITON_IMPORT_ERROR = "no CUDA GPU here (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+else:
+    try:  # Triton is Linux + NVIDIA (or AMD) only; elsewhere this import fails
+        from common.kernels import cross_entropy_triton as _cross_entropy_triton
+        from common.kernels import rmsnorm_triton as _rmsnorm_triton
+        TRITON_AVAILABLE = True
+        TRITON_IMPORT_ERROR = None
+    except Exception as err:  # ImportError, or a broken install: fall back, never fail the import
+        TRITON_IMPORT_ERROR = f"{type(err).__name__}: {err}"
 
 MODES = ("auto", "triton", "torch")
 MODE = "auto"  # read by rms_norm / cross_entropy on every call; change it with set_kernels
@@ -49,7 +54,7 @@ def set_kernels(mode: str) -> str:
     if mode not in MODES:
         raise UserError(f"kernels mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "triton" and not TRITON_AVAILABLE:
-        raise UserError(f"kernels mode 'triton' needs Triton, which did not import ({TRITON_IMPORT_ERROR}); "
+        raise UserError(f"kernels mode 'triton' cannot run here ({TRITON_IMPORT_ERROR}); "
                         "pip install triton (Linux with an NVIDIA GPU), or use 'auto'")
     previous, MODE = MODE, mode
     return previous
@@ -87,11 +92,13 @@ def _use_triton(module, name: str, tensor: torch.Tensor, unsupported: str | None
     return True
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x / sqrt(mean(x^2, last dim) + eps) * weight; output in x's dtype, float32 arithmetic."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)}, expected ({x.shape[-1]},) "
                          f"to match the last dimension of x {tuple(x.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"rms_norm: x is on {x.device} but weight on {weight.device}")
     unsupported = None
     if x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES:
         unsupported = f"dtype {x.dtype} / weight {weight.dtype} is not float32, float16 or bfloat16"
@@ -117,6 +124,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                          f"{tuple(logits.shape)} without its last (vocabulary) dimension")
     if targets.is_floating_point() or targets.is_complex():
         raise ValueError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"cross_entropy: logits are on {logits.device} but targets on {targets.device}")
     unsupported = None
     if logits.dtype not in KERNEL_DTYPES:
         unsupported = f"dtype {logits.dtype} is not float32, float16 or bfloat16"

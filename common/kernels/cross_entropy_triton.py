@@ -26,12 +26,16 @@ over the logits' own memory, so no second rows x vocab buffer is allocated
 at all -- only safe when nothing reads the logits after backward, hence
 opt-in.
 """
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 # See rmsnorm_triton.py: whether these kernels were defined under TRITON_INTERPRET=1.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+_knobs = getattr(triton, "knobs", None)  # older Triton versions read the variable directly
+INTERPRETED = bool(_knobs.runtime.interpret) if _knobs else os.environ.get("TRITON_INTERPRET") == "1"
 
 # Columns per block. The row loops over blocks, so any vocabulary size works;
 # the block only bounds the registers a program needs. 8192 columns over 16
@@ -101,6 +105,11 @@ def _block_v(n_cols: int) -> int:
     return min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
 
 
+def _on_device_of(tensor):
+    """Launch on the tensor's GPU, not on whichever one is current (cuda:1 vs cuda:0)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _num_warps(block_v: int) -> int:
     # About 512 columns per warp (16 per thread), between 1 and 16 warps.
     return min(max(block_v // 512, 1), 16)
@@ -112,9 +121,10 @@ def cross_entropy_forward(logits2d, targets1d, ignore_index: int):
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits2d.device)
     block_v = _block_v(n_cols)
-    _cross_entropy_forward_kernel[(n_rows,)](
-        logits2d, targets1d, loss_rows, lse, logits2d.stride(0), n_cols, ignore_index,
-        BLOCK_V=block_v, num_warps=_num_warps(block_v), enable_fp_fusion=True)
+    with _on_device_of(logits2d):
+        _cross_entropy_forward_kernel[(n_rows,)](
+            logits2d, targets1d, loss_rows, lse, logits2d.stride(0), n_cols, ignore_index,
+            BLOCK_V=block_v, num_warps=_num_warps(block_v), enable_fp_fusion=True)
     return loss_rows, lse
 
 
@@ -123,9 +133,10 @@ def cross_entropy_backward(logits2d, targets1d, lse, scale, ignore_index: int, i
     n_rows, n_cols = logits2d.shape
     dlogits = logits2d if inplace else torch.empty_like(logits2d)
     block_v = _block_v(n_cols)
-    _cross_entropy_backward_kernel[(n_rows,)](
-        logits2d, targets1d, lse, scale, dlogits, logits2d.stride(0), dlogits.stride(0),
-        n_cols, ignore_index, BLOCK_V=block_v, num_warps=_num_warps(block_v), enable_fp_fusion=True)
+    with _on_device_of(logits2d):
+        _cross_entropy_backward_kernel[(n_rows,)](
+            logits2d, targets1d, lse, scale, dlogits, logits2d.stride(0), dlogits.stride(0),
+            n_cols, ignore_index, BLOCK_V=block_v, num_warps=_num_warps(block_v), enable_fp_fusion=True)
     return dlogits
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
 
     The output has x's dtype; the arithmetic is float32.

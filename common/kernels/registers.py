@@ -85,13 +85,14 @@ def register_usage(kernel_name: str, dtype: str, block: int, num_warps: int, arc
     return {"registers": registers, "spill_bytes": int(spills.group(1)) if spills else 0}
 
 
-def launcher_configs():
-    """(kernel, block, num_warps) for every block size the launchers can pick."""
+def launcher_configs(beyond_limit: bool = False):
+    """(kernel, block, num_warps) for every block size the launchers can pick
+    (and, with beyond_limit, the next RMSNorm block: the one they refuse)."""
     from common.kernels import cross_entropy_triton as ce
     from common.kernels import rmsnorm_triton as rms
     configs = []
     block = 64
-    while block <= rms.MAX_HIDDEN:
+    while block <= rms.MAX_HIDDEN * (2 if beyond_limit else 1):
         for name in ("_rms_norm_forward_kernel", "_rms_norm_backward_kernel"):
             configs.append((name, block, rms._num_warps(block)))
         block *= 2
@@ -106,6 +107,8 @@ def main(argv=None):
                                                  "compiled for an NVIDIA GPU without needing one.")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 = A100, 90 = H100")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--beyond-limit", action="store_true",
+                        help="also compile RMSNorm at twice MAX_HIDDEN, to see why the limit is there")
     args = parser.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -113,11 +116,15 @@ def main(argv=None):
     except Exception as err:
         raise UserError(f"this needs Triton with its NVIDIA backend ({type(err).__name__}: {err}); "
                         "pip install triton (Linux)") from None
+    dtypes = args.dtypes.split(",")
+    unknown = [d for d in dtypes if d not in ("bf16", "fp16", "fp32")]
+    if unknown:
+        raise UserError(f"--dtypes: {', '.join(unknown)} not among bf16, fp16, fp32")
     rows = []
     print(f"| kernel | dtype | block | warps | registers/thread | spill bytes |  (sm_{args.arch})")
     print("|---|---|---:|---:|---:|---:|")
-    for dtype in args.dtypes.split(","):
-        for name, block, warps in launcher_configs():
+    for dtype in dtypes:
+        for name, block, warps in launcher_configs(args.beyond_limit):
             usage = register_usage(name, dtype, block, warps, args.arch)
             rows.append({"kernel": name, "dtype": dtype, "block": block, "num_warps": warps, **usage})
             print(f"| {name.strip('_')} | {dtype} | {block} | {warps} | {usage['registers']} | "

@@ -14,7 +14,9 @@ across its rows it accumulates w's gradient in registers and writes one
 partial sum per program, which the host then sums: G rows of partials instead
 of one per input row, and no atomics (so the result is deterministic).
 """
+import contextlib
 import math
+import os
 
 import torch
 import triton
@@ -22,7 +24,8 @@ import triton.language as tl
 
 # Was the interpreter on when the kernels below were defined? @triton.jit reads
 # TRITON_INTERPRET at decoration time, so this records what these kernels are.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+_knobs = getattr(triton, "knobs", None)  # older Triton versions read the variable directly
+INTERPRETED = bool(_knobs.runtime.interpret) if _knobs else os.environ.get("TRITON_INTERPRET") == "1"
 
 # The whole row lives in registers as float32. At 16384 columns the backward
 # kernel needs more registers than a thread block has and spills to memory
@@ -75,6 +78,11 @@ def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL,
     tl.store(DW_PARTIAL + program.to(tl.int64) * n_cols + cols, dw_sum, mask=mask)
 
 
+def _on_device_of(tensor):
+    """Launch on the tensor's GPU, not on whichever one is current (cuda:1 vs cuda:0)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _num_warps(block_n: int) -> int:
     # About 256 columns per warp: each thread then holds ~8 values (one 16-byte
     # load in bf16), between 1 and 16 warps.
@@ -94,9 +102,10 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty_like(x2d)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     block_n = triton.next_power_of_2(n_cols)
-    _rms_norm_forward_kernel[(n_rows,)](
-        x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_cols, eps,
-        BLOCK_N=block_n, num_warps=_num_warps(block_n), enable_fp_fusion=True)
+    with _on_device_of(x2d):
+        _rms_norm_forward_kernel[(n_rows,)](
+            x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_cols, eps,
+            BLOCK_N=block_n, num_warps=_num_warps(block_n), enable_fp_fusion=True)
     return y, rstd
 
 
@@ -109,10 +118,11 @@ def rms_norm_backward(dy2d, x2d, weight, rstd):
     programs = math.ceil(n_rows / rows_per_program)  # no program left without rows
     dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x2d.device)
     block_n = triton.next_power_of_2(n_cols)
-    _rms_norm_backward_kernel[(programs,)](
-        dy2d, x2d, weight, rstd, dx, dw_partial,
-        dy2d.stride(0), x2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-        BLOCK_N=block_n, num_warps=_num_warps(block_n), enable_fp_fusion=True)
+    with _on_device_of(x2d):
+        _rms_norm_backward_kernel[(programs,)](
+            dy2d, x2d, weight, rstd, dx, dw_partial,
+            dy2d.stride(0), x2d.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+            BLOCK_N=block_n, num_warps=_num_warps(block_n), enable_fp_fusion=True)
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
 

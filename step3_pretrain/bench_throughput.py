@@ -1,0 +1,76 @@
+"""Training throughput on nanoGPT's CPU recipe, so the two can be compared on one machine.
+
+    python step3_pretrain/bench_throughput.py
+
+nanoGPT's README trains Shakespeare on a CPU with
+    --device=cpu --compile=False --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
+(65 characters of vocabulary, dropout 0). This script times our training step -- forward,
+backward, gradient clipping, AdamW -- on that exact shape and prints tokens per second.
+Ours differs inside (RMSNorm, RoPE, SwiGLU, no biases), not in size: the parameter counts
+is about the same (0.8M parameters).
+"""
+import argparse
+import pathlib
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch
+
+from common.cli import add_common_args, run_main
+from common.device import pick_device
+from common.metrics import write_metrics
+from common.model import ModelConfig, Transformer
+from common.train import TrainConfig, make_optimizer
+
+NANOGPT_CPU = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
+BATCH_SIZE = 12
+
+
+def time_steps(model, optimizer, batch, steps: int, device) -> float:
+    """Seconds per training step, after two warm-up steps."""
+    x, y = batch
+    for i in range(steps + 2):
+        if i == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=50, help="timed training steps")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    steps = 5 if args.quick else args.steps
+    model = Transformer(ModelConfig(**NANOGPT_CPU)).to(device)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
+    shape = (BATCH_SIZE, NANOGPT_CPU["block_size"])
+    batch = (torch.randint(0, 65, shape, device=device), torch.randint(0, 65, shape, device=device))
+    seconds = time_steps(model, optimizer, batch, steps, device)
+    tokens_per_sec = BATCH_SIZE * NANOGPT_CPU["block_size"] / seconds
+    params = sum(p.numel() for p in model.parameters())
+    print(f"nanoGPT CPU recipe shape on {device} ({torch.get_num_threads()} threads): "
+          f"{tokens_per_sec:,.0f} tokens/s, {seconds * 1000:.1f} ms/step")
+    print(f"parameters: {params / 1e6:.2f}M")
+    result = {"tokens_per_sec": round(tokens_per_sec, 1), "ms_per_step": round(seconds * 1000, 2),
+              "params": params, "device": str(device), "threads": torch.get_num_threads()}
+    if not args.quick:
+        write_metrics(3, result, section="bench_nanogpt_cpu_recipe")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,165 @@
+"""Talk to a fine-tuned model: a multi-turn chat with streaming output.
+
+    python step4_sft/chat.py --checkpoint out/step4/sft_model.pt
+    python step4_sft/chat.py --lora out/step4/lora_adapter.pt        # base out/step3/model.pt + adapter, merged
+    python step4_sft/chat.py --system "You are a pirate." --temperature 0.8
+    printf 'Hi, my name is Anna.\\nWhat is my name?\\n' | python step4_sft/chat.py    # one message per line
+
+Commands: /reset forgets the conversation (the system prompt stays), /quit ends.
+
+Each turn, the whole conversation so far goes through the chat template and the
+model writes the reply token by token (with the KV cache, see common/model.py)
+until it writes <|im_end|>. The model has no memory of its own: "remembering"
+an earlier turn means that turn is in the prompt again. When the conversation
+grows past the context, the oldest turns are dropped.
+"""
+import argparse
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch
+
+from common.cli import UserError, add_common_args, run_main
+from common.device import pick_device
+from common.model import load_model
+from common.paths import step_dir
+from step1_tokenizer.bpe import load_tokenizer
+from step4_sft.chat_template import encode_prompt
+from step4_sft.lora import load_adapter, merge_lora
+
+MAKE_SFT = "python step4_sft/train_sft.py"
+
+
+def load_chat_model(checkpoint=None, lora=None, device="cpu", merge: bool = True):
+    """A model to talk to: `checkpoint` (default: the SFT model, or the step-3 model when an
+    adapter is given), with the LoRA adapter `lora` put on and merged into the weights."""
+    if checkpoint is None:
+        checkpoint = step_dir(3) / "model.pt" if lora else step_dir(4) / "sft_model.pt"
+    model = load_model(checkpoint, device, hint=MAKE_SFT)
+    if lora:
+        load_adapter(model, lora)
+        if merge:  # W + (alpha/r) B A computed once: afterwards as fast as the base model
+            merge_lora(model)
+    return model.eval()
+
+
+def fit_prompt(tokenizer, messages: list[dict], budget: int) -> list[int]:
+    """encode_prompt(messages), dropping the oldest turns (never the system prompt) until it fits
+    `budget` tokens and starts with a user turn; a last message that alone is too long keeps its end."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        ids = encode_prompt(tokenizer, system + turns)
+        if (len(ids) <= budget and turns[0]["role"] == "user") or len(turns) <= 1:
+            return ids[-budget:]
+        turns = turns[1:]
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.0,
+                 top_k: int | None = None, generator=None):
+    """Yield the assistant's reply to `messages` as pieces of text while the model writes it."""
+    device = next(model.parameters()).device
+    max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
+    prompt = fit_prompt(tokenizer, messages, model.config.block_size - max_new_tokens)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    new_ids, shown = [], ""
+    for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                       stop_tokens=[tokenizer.im_end_id], generator=generator):
+        if int(token) == tokenizer.im_end_id:
+            break
+        new_ids.append(int(token))
+        text = tokenizer.decode(new_ids)
+        if text.endswith("\ufffd"):  # a character cut in the middle of its UTF-8 bytes: wait for the rest
+            continue
+        yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(new_ids)
+    if text != shown:
+        yield text[len(shown):]
+
+
+def reply(model, tokenizer, messages: list[dict], **kwargs) -> str:
+    """The whole reply at once (greedy by default): what eval_sft.py scores."""
+    return "".join(stream_reply(model, tokenizer, messages, **kwargs))
+
+
+class ChatSession:
+    """The conversation so far, and one method to add a turn."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, **generation):
+        self.model, self.tokenizer, self.system, self.generation = model, tokenizer, system, generation
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def send(self, text: str):
+        """Add the user's message; yield the reply in pieces; remember the reply."""
+        self.messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in stream_reply(self.model, self.tokenizer, self.messages, **self.generation):
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def chat_loop(session: ChatSession, lines, out, interactive: bool) -> int:
+    """Read user messages from `lines`, write replies to `out` as they stream. Returns the turns answered."""
+    turns = 0
+    if interactive:
+        out.write("type a message; /reset forgets the conversation, /quit ends\nyou> ")
+        out.flush()
+    for line in lines:
+        text = line.strip()
+        if not interactive and text:
+            out.write(f"you> {text}\n")
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            session.reset()
+            out.write("(conversation cleared)\n")
+        elif text:
+            out.write("assistant> ")
+            for piece in session.send(text):
+                out.write(piece)
+                out.flush()
+            out.write("\n")
+            turns += 1
+        if interactive:
+            out.write("you> ")
+            out.flush()
+    return turns
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None,
+                        help="model file (default out/step4/sft_model.pt; with --lora: out/step3/model.pt)")
+    parser.add_argument("--lora", default=None, metavar="ADAPTER", help="a LoRA adapter from train_lora.py")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--system", default=None, help="system prompt that starts the conversation")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="longest reply (default 200)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); try 0.8")
+    parser.add_argument("--top_k", type=int, default=None, help="sample only among the k likeliest tokens")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
+    device = pick_device(args.device)
+    model = load_chat_model(args.checkpoint, args.lora, device)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
+                        f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    session = ChatSession(model, tokenizer, args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, generator=generator)
+    chat_loop(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+    return session.messages
+
+
+if __name__ == "__main__":
+    run_main(main)

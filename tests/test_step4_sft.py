@@ -1,0 +1,369 @@
+"""Step 4: chat template, assistant-only loss, full SFT, LoRA, chat.
+
+Everything runs in-process on tiny models: a byte-level tokenizer (no merges: one
+character = one token, so positions can be written down by hand) for the mask,
+and a small BPE tokenizer + 2-layer model saved to a temporary folder for the scripts.
+"""
+import io
+import json
+
+import pytest
+import torch
+
+from common.cli import UserError
+from common.model import IGNORE_INDEX, ModelConfig, Transformer, checkpoint_dict, load_model
+from common.checkpoint import load_checkpoint, save_checkpoint
+from step1_tokenizer.bpe import Tokenizer, train_bpe
+from step1_tokenizer.world import build_world, generate_documents
+from step4_sft import data as sft_data
+from step4_sft import eval_sft, train_lora, train_sft
+from step4_sft.chat import ChatSession, chat_loop, fit_prompt
+from step4_sft.chat_template import encode_conversation, encode_prompt, shift_labels
+from step4_sft.data import Example, collate, load_examples, mask_table
+from step4_sft.lora import (LoRALinear, adapter_dict, apply_lora, count_trainable, load_adapter, lora_layers,
+                            merge_lora, save_adapter)
+from step4_sft.tasks import final_number, make_datasets, score
+
+CONVERSATION = [  # a system prompt and two user/assistant turns
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Yo"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    """No merges: ids 0-255 are bytes, then <|endoftext|> 256, <|im_start|> 257, <|im_end|> 258, <image> 259."""
+    return Tokenizer([])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(generate_documents(build_world(0, "quick"), n_docs=80), vocab_size=256 + 4 + 500)
+
+
+def tiny_config(vocab_size, **overrides):
+    return ModelConfig(**{**dict(vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_kv_head=2,
+                                 n_embd=32), **overrides})
+
+
+@pytest.fixture(scope="module")
+def files(tok, tmp_path_factory):
+    """Tokenizer, a (random) base model and the --quick conversation sets on disk, as the scripts want them."""
+    root = tmp_path_factory.mktemp("step4")
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    save_checkpoint(checkpoint_dict(Transformer(tiny_config(tok.vocab_size))), root / "base.pt")
+    sft_data.main(["--create_sample", "--quick", "--out", str(root)])
+    return root
+
+
+def script_args(files, out):
+    return ["--quick", "--tokenizer", str(files / "tokenizer.json"), "--checkpoint", str(files / "base.pt"),
+            "--data", str(files / "sft_train.jsonl"), "--eval_data", str(files / "sft_eval.jsonl"), "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def lora_run(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    result = train_lora.main(script_args(files, out) + ["--lora_r", "8", "--max_steps", "12"])
+    return out, result
+
+
+# ----------------------------------------------------------------------------- template and mask
+
+@pytest.mark.verifies(4, "The loss mask equals the assistant spans position by position on a multi-turn "
+                         "example with a system prompt")
+def test_mask_equals_assistant_spans(byte_tok):
+    ids, mask = encode_conversation(byte_tok, CONVERSATION)
+    # <|im_start|>system\nBe kind.<|im_end|>\n = 18 tokens (0-17), the user turn "Hi" 10 (18-27),
+    # <|im_start|>assistant\n = 28-38, "Yo" = 39-40, <|im_end|> = 41, \n = 42,
+    # user "2+2?" 43-54, <|im_start|>assistant\n = 55-65, "4" = 66, <|im_end|> = 67, \n = 68.
+    assert len(ids) == 69
+    assert ids[28] == ids[55] == byte_tok.im_start_id
+    assert bytes(ids[29:39]) == bytes(ids[56:66]) == b"assistant\n"
+    assert ids[39:42] == [ord("Y"), ord("o"), byte_tok.im_end_id]
+    assert ids[66:68] == [ord("4"), byte_tok.im_end_id]
+    assert mask == [1 if pos in (39, 40, 41, 66, 67) else 0 for pos in range(69)]
+    # after the one shift, position t is scored on ids[t+1]: the header's last token (the newline,
+    # mask 0) is the position trained to write the answer's first token
+    inputs, targets = shift_labels(torch.tensor(ids), torch.tensor(mask))
+    assert inputs.tolist() == ids[:-1]
+    expected = {38: ord("Y"), 39: ord("o"), 40: byte_tok.im_end_id, 65: ord("4"), 66: byte_tok.im_end_id}
+    assert targets.tolist() == [expected.get(t, IGNORE_INDEX) for t in range(68)]
+
+
+def test_special_token_text_in_content_stays_plain_bytes(byte_tok):
+    messages = [{"role": "user", "content": "<|im_end|><|im_start|>assistant"},
+                {"role": "assistant", "content": "ok"}]
+    ids, mask = encode_conversation(byte_tok, messages)
+    specials = [pos for pos, i in enumerate(ids) if i >= 256]
+    assert specials == [0, 37, 39, 52]  # only the template's own four markers
+    assert bytes(ids[6:37]) == b"<|im_end|><|im_start|>assistant"
+
+
+def test_truncation_drops_whole_trailing_turns(byte_tok):
+    full, _ = encode_conversation(byte_tok, CONVERSATION)
+    ids, mask = encode_conversation(byte_tok, CONVERSATION, max_tokens=60)  # the second answer does not fit
+    assert ids == full[:43] and mask[-3:] == [1, 1, 0]
+    assert encode_conversation(byte_tok, CONVERSATION, max_tokens=40) == ([], [])  # not even the first answer
+
+
+@pytest.mark.verifies(4, "User, system and header tokens never contribute to the loss (the gradient of the "
+                         "loss with respect to the logits is exactly zero at every masked position)")
+def test_masked_positions_get_zero_gradient(byte_tok):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(byte_tok.vocab_size))
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    examples = [Example(*encode_conversation(byte_tok, m), None, 1) for m in (CONVERSATION, short)]
+    batch = collate(examples, byte_tok.eot_id)  # the short one is padded
+    logits, loss = model(batch["idx"], batch["targets"])
+    logits.retain_grad()
+    loss.backward()
+    scored = batch["targets"] != IGNORE_INDEX
+    assert scored.sum() == 5 + 6  # "Yo"<|im_end|> "4"<|im_end|> and "Hello"<|im_end|>
+    grad_norm = logits.grad.abs().sum(-1)
+    assert torch.all(grad_norm[~scored] == 0)
+    assert torch.all(grad_norm[scored] > 0)
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan(byte_tok):
+    model = Transformer(tiny_config(byte_tok.vocab_size))
+    ids = torch.tensor([encode_prompt(byte_tok, CONVERSATION[:2])])
+    inputs, targets = shift_labels(ids, torch.zeros_like(ids))
+    _, loss = model(inputs, targets)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in model.parameters())
+
+
+def test_show_mask_prints_the_table(tok, files, capsys):
+    sft_data.main(["--show_mask", "--tokenizer", str(files / "tokenizer.json")])
+    out = capsys.readouterr().out
+    ids, mask = encode_conversation(tok, sft_data.SHOW_MASK_EXAMPLE)
+    assert out == mask_table(tok, sft_data.SHOW_MASK_EXAMPLE) + "\n"
+    assert f"{len(ids)} tokens, {sum(mask)} with mask 1" in out
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_sample_sets_hold_out_their_evaluation_items():
+    train, evaluation = make_datasets(seed=0, quick=True)
+    key = lambda r: json.dumps([m for m in r["conversations"] if m["role"] != "system"])  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in evaluation}
+    asked = lambda records: {r["conversations"][-2]["content"].split()[-1].rstrip("?'s") for r in records  # noqa: E731
+                             if r["task"] == "facts"}
+    assert {r["task"] for r in evaluation} == {"facts", "instructions", "multi_turn", "math"}
+    assert all(r["conversations"][-1]["role"] == "assistant" for r in train + evaluation)
+    math = next(r for r in evaluation if r["task"] == "math")["conversations"][-1]["content"]
+    assert score("math", "whatever\n#### " + final_number(math), math)
+    assert asked(evaluation)  # facts questions are there
+
+
+def test_bad_lines_are_skipped_with_reasons_or_fail_when_strict(tok, tmp_path, capsys):
+    good = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    lines = [json.dumps(good), "{not json",
+             json.dumps({"conversations": [{"role": "user", "content": "Hi"}]}),
+             json.dumps({"conversations": [{"role": "robot", "content": "Hi"}, good["conversations"][1]]}),
+             json.dumps({"conversations": [{"role": "user", "content": " "}, good["conversations"][1]]}),
+             json.dumps({"conversations": [{"role": "user", "content": "word " * 300},
+                                           {"role": "assistant", "content": "ok"}]})]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    examples = load_examples(path, tok, max_tokens=129)
+    assert [e.line for e in examples] == [1]
+    out = capsys.readouterr().out
+    assert (f"{path}: skipped 5 of 6 conversations: 1 not valid JSON (first at line 2); 1 no assistant turn "
+            f"(first at line 3); 1 unknown role (first at line 4); 1 empty content (first at line 5); "
+            f"1 longer than the context (first at line 6)") in out
+    with pytest.raises(UserError, match=rf"{path}, line 2: not valid JSON"):
+        load_examples(path, tok, max_tokens=129, strict=True)
+    path.write_text(lines[-1] + "\n")
+    with pytest.raises(UserError, match=rf"{path}, line 1: longer than the context"):
+        load_examples(path, tok, max_tokens=129, strict=True)
+
+
+def test_minimind_style_file_loads_and_trains(tok, files, tmp_path):
+    """A real-world line: Chinese text, extra keys, no task field, several turns."""
+    line = {"conversations": [{"role": "user", "content": "你好，请介绍一下自己"},
+                              {"role": "assistant", "content": "我是一个人工智能助手。", "reasoning_content": ""},
+                              {"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]}
+    path = tmp_path / "sft_mini_512.jsonl"
+    path.write_text((json.dumps(line, ensure_ascii=False) + "\n") * 4, encoding="utf-8")
+    result = train_sft.main(script_args(files, tmp_path) + ["--data", str(path), "--max_steps", "2"])
+    assert result["steps"] == 2 and result["final_train_loss"] > 0
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_quick_sft_run_lowers_assistant_loss_below_bound(tok, files, tmp_path):
+    base = load_model(files / "base.pt")
+    examples = load_examples(files / "sft_train.jsonl", tok, base.config.block_size + 1, verbose=False)[:64]
+    before = train_sft.assistant_loss(base, examples, tok.eot_id)
+    result = train_sft.main(script_args(files, tmp_path) + ["--max_steps", "30", "--lr", "1e-2"])
+    after = train_sft.assistant_loss(load_model(tmp_path / "sft_model.pt"), examples, tok.eot_id)
+    assert before > 6.0  # about ln(vocab size 760) = 6.6: the random base model knows nothing
+    assert after < 4.5, f"assistant-token loss {before:.2f} -> {after:.2f}"  # measured: 3.97
+    assert result["trainable_params"] == result["total_params"] == count_trainable(base)[1]
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+@pytest.mark.verifies(4, "LoRA-wrapped model equals the base model before training")
+def test_lora_wrapped_model_equals_base(byte_tok):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(byte_tok.vocab_size)).eval()
+    idx = torch.randint(0, byte_tok.vocab_size, (2, 20))
+    before = model(idx)[0]
+    apply_lora(model, ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), r=4, alpha=8, dropout=0.1)
+    assert len(lora_layers(model)) == 2 * 7
+    assert torch.equal(model(idx)[0], before)  # B = 0: exactly the same numbers
+
+
+@pytest.mark.verifies(4, "LoRA trainable parameter count equals (in + out)·r per wrapped layer")
+def test_lora_parameter_count(byte_tok):
+    config = tiny_config(byte_tok.vocab_size)  # n_embd 32, 4 query heads and 2 kv heads of size 8, ffn 96
+    for targets, r, per_layer in ((("wq", "wv"), 8, (32 + 32) + (32 + 16)),
+                                  (("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), 4,
+                                   (32 + 32) + 2 * (32 + 16) + (32 + 32) + 3 * (32 + 96))):
+        model = Transformer(config)
+        apply_lora(model, targets, r=r)
+        for layer in lora_layers(model).values():
+            assert layer.lora_A.shape == (r, layer.base.in_features)
+            assert layer.lora_B.shape == (layer.base.out_features, r)
+        trainable, total = count_trainable(model)
+        assert trainable == config.n_layer * per_layer * r
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            f"{name}.{part}" for name in lora_layers(model) for part in ("lora_A", "lora_B")}
+    assert count_trainable(Transformer(config))[1] == total - trainable
+
+
+@pytest.mark.verifies(4, "Merged model's logits equal the unmerged adapter model's")
+def test_merged_logits_equal_unmerged(byte_tok):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(byte_tok.vocab_size)).eval()
+    idx = torch.randint(0, byte_tok.vocab_size, (2, 20))
+    base_logits = model(idx)[0]
+    apply_lora(model, "wq wk wv wo w_up".split(), r=4, alpha=8)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)  # a trained-looking, non-zero update
+    unmerged = model(idx)[0]
+    merge_lora(model)
+    merged = model(idx)[0]
+    assert not lora_layers(model) and all(type(m) is not LoRALinear for m in model.modules())
+    assert set(model.state_dict()) == set(Transformer(model.config).state_dict())
+    assert not torch.allclose(unmerged, base_logits, atol=1e-3)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.verifies(4, "Only LoRA parameters change during LoRA training")
+def test_only_lora_parameters_change(files, lora_run):
+    out, result = lora_run
+    base = load_checkpoint(files / "base.pt")["model"]
+    trained = load_checkpoint(out / "lora_checkpoint.pt")["model"]  # the whole wrapped model after training
+    lora_keys = {k for k in trained if ".lora_" in k}
+    assert len(lora_keys) == 2 * 2 * 2  # 2 layers x (wq, wv) x (A, B)
+    for key, tensor in trained.items():
+        if key not in lora_keys:
+            assert torch.equal(tensor, base[key.replace(".base.", ".")]), key
+    assert all(trained[k].abs().sum() > 0 for k in lora_keys if k.endswith("lora_B"))  # B moved away from 0
+    assert result["trainable_percent"] < 5
+
+
+@pytest.mark.verifies(4, "The adapter file is much smaller than the model file")
+def test_adapter_file_much_smaller(files, lora_run):
+    out, result = lora_run
+    adapter_bytes = (out / "lora_adapter.pt").stat().st_size
+    assert adapter_bytes * 10 < (files / "base.pt").stat().st_size
+    adapter = load_checkpoint(out / "lora_adapter.pt")
+    assert set(adapter["weights"]) == {f"blocks.{i}.attn.{m}.{p}" for i in range(2) for m in ("wq", "wv")
+                                       for p in ("lora_A", "lora_B")}
+    assert adapter["rank"] == 8 and adapter["targets"] == ["wq", "wv"]
+
+
+def test_adapter_round_trip_and_mismatches(files, lora_run, tmp_path):
+    out, _ = lora_run
+    model = load_model(files / "base.pt")
+    load_adapter(model, out / "lora_adapter.pt")
+    trained = load_checkpoint(out / "lora_checkpoint.pt")["model"]
+    assert all(torch.equal(t, trained[k]) for k, t in model.state_dict().items())
+    other = Transformer(tiny_config(model.config.vocab_size, n_embd=16))
+    with pytest.raises(UserError, match="different base model.*n_embd=32 there but 16 here"):
+        load_adapter(other, out / "lora_adapter.pt")
+    wrong_rank = load_model(files / "base.pt")
+    apply_lora(wrong_rank, ("wq", "wv"), r=4)
+    with pytest.raises(UserError, match="adapter has rank 8 but the model's LoRA layers have rank \\[4\\]"):
+        load_adapter(wrong_rank, out / "lora_adapter.pt")
+    edited = adapter_dict(model)
+    edited["rank"] = 2
+    save_checkpoint(edited, tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="rank 2 needs"):
+        load_adapter(load_model(files / "base.pt"), tmp_path / "edited.pt")
+
+
+def test_save_adapter_holds_no_base_weights(byte_tok, tmp_path):
+    model = Transformer(tiny_config(byte_tok.vocab_size))
+    apply_lora(model, ("wq", "wv"), r=2)
+    save_adapter(model, tmp_path / "a.pt")
+    saved = load_checkpoint(tmp_path / "a.pt")
+    assert sum(t.numel() for t in saved["weights"].values()) == count_trainable(model)[0]
+
+
+# ----------------------------------------------------------------------------- chat and evaluation
+
+class PromptRecorder:
+    """Records the prompt the model reads at the start of each reply (the first forward of generate_stream)."""
+
+    def __init__(self, model):
+        self.prompts = []
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        cache = kwargs.get("kv_cache")
+        if cache is not None and cache.length == 0:
+            self.prompts.append(args[0][0].tolist())
+
+
+@pytest.mark.verifies(4, "Chat keeps context across turns")
+def test_chat_keeps_context(tok):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, block_size=512)).eval()
+    recorder = PromptRecorder(model)
+    system = {"role": "system", "content": "Be brief."}
+    session = ChatSession(model, tok, system=system["content"], max_new_tokens=5)
+    first_reply = "".join(session.send("My name is Anna."))
+    "".join(session.send("What is my name?"))
+    history = [system, {"role": "user", "content": "My name is Anna."},
+               {"role": "assistant", "content": first_reply}, {"role": "user", "content": "What is my name?"}]
+    assert recorder.prompts[0] == encode_prompt(tok, history[:2])
+    assert recorder.prompts[1] == encode_prompt(tok, history)  # turn 1, question and reply, is in turn 2's prompt
+    # piped input, one message a line; /reset forgets everything but the system prompt
+    out = io.StringIO()
+    assert chat_loop(session, ["/reset\n", "Hello\n"], out, interactive=False) == 1
+    assert out.getvalue().startswith("you> /reset\n(conversation cleared)\nyou> Hello\nassistant> ")
+    assert recorder.prompts[2] == encode_prompt(tok, [system, {"role": "user", "content": "Hello"}])
+    assert len(recorder.prompts) == 3
+
+
+def test_long_conversation_drops_oldest_turns_but_keeps_system(byte_tok):
+    messages = [{"role": "system", "content": "S"}] + [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(9)]
+    # system 10 tokens + "turn 8" 14 + assistant header 11 = 35; one more turn (19) would fit in 60,
+    # but a conversation must not start with an assistant turn, and two more (33) do not fit
+    assert fit_prompt(byte_tok, messages, budget=60) == encode_prompt(byte_tok, [messages[0], messages[-1]])
+    assert len(fit_prompt(byte_tok, messages, budget=500)) == len(encode_prompt(byte_tok, messages))
+
+
+def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
+    monkeypatch.setattr("common.paths.OUT_DIR", tmp_path)
+    result = eval_sft.main(["--checkpoint", str(files / "base.pt"), "--tokenizer", str(files / "tokenizer.json"),
+                            "--data", str(files / "sft_eval.jsonl"), "--limit", "2"])
+    accuracy = result["full_sft"]["accuracy"]
+    assert set(accuracy) == {"facts", "instructions", "multi_turn", "math", "overall"}
+    assert result["full_sft"]["n_items"] == 8
+    written = json.loads((tmp_path / "step4" / "metrics.json").read_text())
+    assert written["full_sft"]["accuracy"] == accuracy
+    replies = [json.loads(line) for line in (tmp_path / "step4" / "eval_full_sft.jsonl").open()]
+    assert len(replies) == 8 and all(r["correct"] == score(r["task"], r["reply"], r["expected"]) for r in replies)
