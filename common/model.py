@@ -137,9 +137,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if x.is_cuda:  # the fused Triton kernel: the same numbers with less memory traffic
             return kernels.rms_norm(x, self.weight, self.eps)
-        x32 = x.float()  # the mean of squares in float32 even when the model runs in bf16
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps) * weight, with the mean of squares in float32 even when
+        # the model runs in bf16. F.rms_norm is that formula as one operation.
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_tables(head_dim: int, n_positions: int, theta: float = 10000.0):
@@ -158,9 +158,8 @@ def apply_rope(x, cos, sin):
 
     Pairs are (x[i], x[i + head_dim/2]). After rotating q at position m and k
     at position n, q.k depends on m - n only: attention sees relative positions."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return rotated.type_as(x)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 class KVCache:
@@ -217,7 +216,8 @@ class Attention(nn.Module):
     def expand_kv(self, t):
         """(B, n_kv_head, S, hd) -> (B, n_head, S, hd): kv head j serves query heads
         j*g ... j*g+g-1 (g = n_head // n_kv_head). The cache keeps the small tensor."""
-        return t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        groups = self.n_head // self.n_kv_head
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape

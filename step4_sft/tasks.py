@@ -17,6 +17,7 @@ Every answer is produced by a fixed rule, so a reply can be scored by exact matc
 import json
 import random
 import re
+import zlib
 
 from step1_tokenizer.world import FOODS, SPECIES, ask, build_world
 
@@ -29,12 +30,21 @@ TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 30
 EVAL_SIZES = {"default": 100, "quick": 8}
 EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
 
-USER_NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Kate",
-              "Leo", "Maya", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tina", "Omar", "Lena", "Max", "Nina",
-              "Ivan", "Zoe", "Eli", "Ruth", "Adam", "Lucy", "Tom", "Sara", "Hans", "Mila", "Otto", "Vera",
-              "Karl", "Alma", "Finn", "Ines", "Luca"]
-EVAL_NAMES = USER_NAMES[::4]  # never used in training conversations: recall must copy, not memorise
-TRAIN_NAMES = [n for n in USER_NAMES if n not in EVAL_NAMES]
+CONSONANTS, VOWELS = "bdfghklmnprstvz", "aeiou"
+
+
+def user_name(rng) -> str:
+    """A made-up first name of two or three syllables ("Kamo", "Rilune"): thousands of them, so a
+    model cannot learn the names by heart and has to copy the one the user said."""
+    syllables = [rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))]
+    return "".join(syllables).capitalize()
+
+
+def held_out_name(name: str) -> bool:
+    """One name in five is only ever used in the evaluation set (a fixed rule, not a random draw)."""
+    return zlib.crc32(name.encode()) % 5 == 0
+
+
 ITEMS = ["apples", "berries", "acorns", "mushrooms", "carrots", "coins", "beetles", "seeds"]  # words the corpus uses
 WORDS = sorted(set(FOODS + SPECIES + ITEMS))
 
@@ -101,9 +111,12 @@ def instruction_conversation(rng) -> dict:
 
 # ----------------------------------------------------------------------------- (c) multi-turn recall
 
-def multi_turn_conversation(rng, names, filler_facts) -> dict:
-    """Say a name (and maybe a number), talk about 1-2 other things, then ask for one of them back."""
-    name, number = rng.choice(names), rng.randint(1, 99)
+def multi_turn_conversation(rng, held_out: bool, filler_facts) -> dict:
+    """Say a name (and maybe a number), talk about something else, then ask for one of them back."""
+    name = user_name(rng)
+    while held_out_name(name) != held_out:
+        name = user_name(rng)
+    number = rng.randint(1, 99)
     if rng.random() < 0.5:
         opening = (rng.choice([f"Hi, my name is {name}.", f"Hello! I am {name}.", f"Call me {name}, please."]),
                    f"Nice to meet you, {name}!")
@@ -111,11 +124,10 @@ def multi_turn_conversation(rng, names, filler_facts) -> dict:
         opening = (f"Hi, I am {name} and my favorite number is {number}.",
                    f"Nice to meet you, {name}! I will remember your favorite number.")
     turns = list(opening)
-    for _ in range(rng.randint(1, 2)):
-        if rng.random() < 0.5:
-            turns += ask(rng.choice(filler_facts), rng)
-        else:
-            turns += rng.choice(INSTRUCTIONS)(rng)
+    if rng.random() < 0.5:
+        turns += ask(rng.choice(filler_facts), rng)
+    else:
+        turns += rng.choice(INSTRUCTIONS)(rng)
     if "favorite number" in opening[0] and rng.random() < 0.5:
         turns += [rng.choice(["What is my favorite number?", "Do you remember my favorite number?"]),
                   f"Your favorite number is {number}."]
@@ -132,18 +144,18 @@ MAX_TOTAL = 30  # keep every number small: the model has to learn each sum it us
 
 
 def math_conversation(rng, names) -> dict:
-    """'Wendel has 7 apples. Then Wendel buys 5 more. ...' solved one operation per line."""
+    """'Wendel has 7 apples. Then Wendel buys 5 more. ...' solved one operation per line:
+    '7 + 5 = 12', ..., then '#### 12'."""
     name, item = rng.choice(names), rng.choice(ITEMS)
     total = rng.randint(2, 20)
-    story = [f"{name} has {total} {item}."]
-    steps = [f"{name} starts with {total} {item}."]
+    story, steps = [f"{name} has {total} {item}."], []
     for _ in range(rng.randint(1, 3)):
         add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
         n = rng.randint(1, min(9, MAX_TOTAL - total) if add else min(9, total - 1))
         verb = rng.choice(ADD if add else SUBTRACT).format(n=n)
         new_total = total + n if add else total - n
         story.append(f"Then {name} {verb}.")
-        steps.append(f"{name} {verb}: {total} {'+' if add else '-'} {n} = {new_total}.")
+        steps.append(f"{total} {'+' if add else '-'} {n} = {new_total}")
         total = new_total
     story.append(f"How many {item} does {name} have now?")
     steps.append(f"#### {total}")
@@ -159,7 +171,7 @@ def _key(record: dict) -> str:
 
 def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, evaluation) records. No evaluation conversation occurs in the training set; the
-    facts are split by fact, and the user names of multi-turn recall by name.
+    facts are split by fact, and the user names of multi-turn recall by name (held_out_name).
     world_seed: the world step 3 pretrained on (step1_tokenizer.corpus.default_documents uses seed 0)."""
     profile = "quick" if quick else "default"
     rng = random.Random(seed)
@@ -177,11 +189,11 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     train_facts = [f for g in groups[n_eval_groups:] for f in g]
     people = sorted({f.entity for f in facts if f.relation == "profession"})  # short tokens: the corpus names them
 
-    makers = {"facts": lambda r, names: fact_conversation(r.choice(train_facts), r),
-              "instructions": lambda r, names: instruction_conversation(r),
-              "multi_turn": lambda r, names: multi_turn_conversation(r, names, train_facts),
-              "math": lambda r, names: math_conversation(r, people)}
-    train = [makers[task](rng, TRAIN_NAMES) for task, n in TRAIN_SIZES[profile].items() for _ in range(n)]
+    makers = {"facts": lambda r, held_out: fact_conversation(r.choice(train_facts), r),
+              "instructions": lambda r, held_out: instruction_conversation(r),
+              "multi_turn": lambda r, held_out: multi_turn_conversation(r, held_out, train_facts),
+              "math": lambda r, held_out: math_conversation(r, people)}
+    train = [makers[task](rng, False) for task, n in TRAIN_SIZES[profile].items() for _ in range(n)]
     rng.shuffle(train)
 
     seen, evaluation = {_key(r) for r in train}, []
@@ -190,7 +202,7 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     for task in ("instructions", "multi_turn", "math"):
         made = 0
         while made < n_eval:
-            record = makers[task](rng, EVAL_NAMES)
+            record = makers[task](rng, True)
             if _key(record) not in seen:  # a repeat of a training item would test memory, not skill
                 seen.add(_key(record))
                 evaluation.append(record)

@@ -83,7 +83,8 @@ def setup(args, profiles: dict) -> dict:
     data_path = pathlib.Path(args.data or step_dir(4) / "sft_train.jsonl")
     examples = load_examples(data_path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
     eval_path = pathlib.Path(args.eval_data or step_dir(4) / "sft_eval.jsonl")
-    val_examples = load_examples(eval_path, tokenizer, max_tokens, verbose=False) if eval_path.exists() else []
+    val_examples = (load_examples(eval_path, tokenizer, max_tokens, verbose=False)
+                    if args.eval_data or eval_path.exists() else [])
     if dist.is_main:
         print(f"{len(examples):,} training conversations from {data_path}, "
               f"{sum(sum(e.mask) for e in examples):,} assistant tokens")
@@ -110,7 +111,7 @@ def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: 
     cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
     if weight_decay is not None:
         cfg.weight_decay = weight_decay
-    val = run["val_examples"][:200]
+    val = run["val_examples"][::max(1, len(run["val_examples"]) // 200)]  # every kind of task, ~200 conversations
     return train(
         model, cfg,
         lambda step, micro: sft_batch(examples, cfg.batch_size, pad_id, seed, step, micro),

@@ -287,3 +287,10 @@ def test_step1_does_not_import_torch():
               "step1_tokenizer.bpe.train_bpe('abc abc', 300).encode('abc'); "
               "assert 'torch' not in sys.modules, 'step 1 imported torch'")
     subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, check=True)
+
+
+def test_notebook_runs():
+    from tests.notebooks import outputs_text, run_notebook
+
+    notebook = run_notebook("step1_tokenizer/step1_tokenizer.ipynb")
+    assert "[258, 100, 258, 97, 99]" in outputs_text(notebook)

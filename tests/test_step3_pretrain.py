@@ -157,3 +157,12 @@ def test_bad_inputs_say_what_to_run(quick_run, tmp_path):
     from step3_pretrain import sample
     with pytest.raises(UserError, match="not a readable checkpoint"):
         sample.main(["--checkpoint", str(corrupt), "--tokenizer", str(quick_run.tokenizer)])
+
+
+@pytest.mark.verifies(3, "the step 3 notebook runs top to bottom and shows the loss curve")
+def test_notebook_runs():
+    from tests.notebooks import has_image, outputs_text, run_notebook
+
+    notebook = run_notebook("step3_pretrain/step3_pretrain.ipynb")
+    assert "validation loss now" in outputs_text(notebook)
+    assert has_image(notebook)

@@ -162,6 +162,8 @@ def test_sample_sets_hold_out_their_evaluation_items():
     assert asked(evaluation)  # facts questions are there
 
 
+@pytest.mark.verifies(4, "Bad conversation lines are skipped and counted with their line numbers, or stop the run "
+                         "with --strict")
 def test_bad_lines_are_skipped_with_reasons_or_fail_when_strict(tok, tmp_path, capsys):
     good = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     lines = [json.dumps(good), "{not json",
@@ -198,6 +200,7 @@ def test_minimind_style_file_loads_and_trains(tok, files, tmp_path):
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.verifies(4, "A quick SFT run lowers the assistant-token loss below a bound")
 def test_quick_sft_run_lowers_assistant_loss_below_bound(tok, files, tmp_path):
     base = load_model(files / "base.pt")
     examples = load_examples(files / "sft_train.jsonl", tok, base.config.block_size + 1, verbose=False)[:64]
