@@ -4,7 +4,7 @@
                   The knowledge comes from pretraining; SFT only teaches the question-and-answer format.
                   Train and evaluation questions are about DIFFERENT facts, so a right answer on the
                   evaluation set can only come from what the model read in step 3.
-    instructions  rewrite (replace a word), list (make a numbered list), count, compare (two numbers)
+    instructions  rewrite (replace a word), list (make a numbered list), count, compare (who has more)
     multi_turn    the user says their name or a number, chats about something else, and asks for it back
     math          a grade-school word problem on small numbers, solved step by step in a fixed format,
                   ending in a GSM8K-style line "#### <number>"
@@ -29,24 +29,17 @@ TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 30
                "quick": {"facts": 150, "instructions": 150, "multi_turn": 150, "math": 150}}
 EVAL_SIZES = {"default": 100, "quick": 8}
 EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
+MAX_NUMBER = 9  # numbers the user says (favorite number, compare, a problem's start): one digit, one token
 
-CONSONANTS, VOWELS = "bdfghklmnprstvz", "aeiou"
-
-
-def user_name(rng) -> str:
-    """A made-up first name of two or three syllables ("Kamo", "Rilune"): thousands of them, so a
-    model cannot learn the names by heart and has to copy the one the user said."""
-    syllables = [rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))]
-    return "".join(syllables).capitalize()
+# Words the world corpus spells as ONE token each (with their leading space): the answers copy them
+# from the question, and copying one token is a skill a small model picks up in minutes (see README).
+ITEMS = ["apples", "berries", "mushrooms", "coins", "beetles", "seeds"]
+WORDS = sorted(set(FOODS + SPECIES + ITEMS) - {"acorns", "carrots", "pony"})
 
 
 def held_out_name(name: str) -> bool:
-    """One name in five is only ever used in the evaluation set (a fixed rule, not a random draw)."""
+    """One name in five is only ever a user's name in the evaluation set (a fixed rule, not a random draw)."""
     return zlib.crc32(name.encode()) % 5 == 0
-
-
-ITEMS = ["apples", "berries", "acorns", "mushrooms", "carrots", "coins", "beetles", "seeds"]  # words the corpus uses
-WORDS = sorted(set(FOODS + SPECIES + ITEMS))
 
 
 def _with_system(rng, messages: list[dict]) -> list[dict]:
@@ -55,17 +48,17 @@ def _with_system(rng, messages: list[dict]) -> list[dict]:
     return messages
 
 
-def _chat(rng, task: str, *turns: str) -> dict:
-    """A record {"task", "conversations"} from alternating user / assistant texts."""
+def _chat(rng, task: str, kind: str, *turns: str) -> dict:
+    """A record {"task", "kind", "conversations"} from alternating user / assistant texts."""
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-    return {"task": task, "conversations": _with_system(rng, messages)}
+    return {"task": task, "kind": kind, "conversations": _with_system(rng, messages)}
 
 
 # ----------------------------------------------------------------------------- (a) facts
 
 def fact_conversation(fact, rng) -> dict:
     question, answer = ask(fact, rng)
-    return _chat(rng, "facts", question, answer)
+    return _chat(rng, "facts", fact.relation, question, answer)
 
 
 # ----------------------------------------------------------------------------- (b) instructions
@@ -74,7 +67,7 @@ def _word_list(rng, low=2, high=5) -> list[str]:
     return rng.sample(WORDS, rng.randint(low, high))
 
 
-def rewrite_turn(rng) -> tuple[str, str]:
+def rewrite_turn(rng, people) -> tuple[str, str]:
     words = _word_list(rng, 3, 5)
     old, new = rng.choice(words), rng.choice([w for w in WORDS if w not in words])
     replaced = [new if w == old else w for w in words]
@@ -84,39 +77,37 @@ def rewrite_turn(rng) -> tuple[str, str]:
     return f'Rewrite this sentence, replacing "{old}" with "{new}": {sentence(words)}', sentence(replaced)
 
 
-def list_turn(rng) -> tuple[str, str]:
+def list_turn(rng, people) -> tuple[str, str]:
     words = _word_list(rng)
     return (f"Make a numbered list of these items: {', '.join(words)}.",
             "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1)))
 
 
-def count_turn(rng) -> tuple[str, str]:
+def count_turn(rng, people) -> tuple[str, str]:
     words = _word_list(rng, 2, 7)
     return f"How many items are in this list: {', '.join(words)}?", f"There are {len(words)} items."
 
 
-def compare_turn(rng) -> tuple[str, str]:
-    a, b = rng.sample(range(1, 100), 2)
-    if rng.random() < 0.5:
-        return f"Which number is larger, {a} or {b}?", f"{max(a, b)} is larger than {min(a, b)}."
-    return f"Which number is smaller, {a} or {b}?", f"{min(a, b)} is smaller than {max(a, b)}."
+def compare_turn(rng, people) -> tuple[str, str]:
+    (a, b), (n, m), item = rng.sample(people, 2), rng.sample(range(1, MAX_NUMBER + 1), 2), rng.choice(ITEMS)
+    question = f"{a} has {n} {item} and {b} has {m} {item}. Who has {'more' if rng.random() < 0.5 else 'fewer'}?"
+    more = question.endswith("more?")
+    return question, f"{a if (n > m) == more else b} has {'more' if more else 'fewer'} {item}."
 
 
-INSTRUCTIONS = [rewrite_turn, list_turn, count_turn, compare_turn]
+INSTRUCTIONS = {"rewrite": rewrite_turn, "list": list_turn, "count": count_turn, "compare": compare_turn}
 
 
-def instruction_conversation(rng) -> dict:
-    return _chat(rng, "instructions", *rng.choice(INSTRUCTIONS)(rng))
+def instruction_conversation(rng, people) -> dict:
+    kind = rng.choice(list(INSTRUCTIONS))
+    return _chat(rng, "instructions", kind, *INSTRUCTIONS[kind](rng, people))
 
 
 # ----------------------------------------------------------------------------- (c) multi-turn recall
 
-def multi_turn_conversation(rng, held_out: bool, filler_facts) -> dict:
+def multi_turn_conversation(rng, names, filler_facts, people) -> dict:
     """Say a name (and maybe a number), talk about something else, then ask for one of them back."""
-    name = user_name(rng)
-    while held_out_name(name) != held_out:
-        name = user_name(rng)
-    number = rng.randint(1, 99)
+    name, number = rng.choice(names), rng.randint(1, MAX_NUMBER)
     if rng.random() < 0.5:
         opening = (rng.choice([f"Hi, my name is {name}.", f"Hello! I am {name}.", f"Call me {name}, please."]),
                    f"Nice to meet you, {name}!")
@@ -127,27 +118,29 @@ def multi_turn_conversation(rng, held_out: bool, filler_facts) -> dict:
     if rng.random() < 0.5:
         turns += ask(rng.choice(filler_facts), rng)
     else:
-        turns += rng.choice(INSTRUCTIONS)(rng)
+        turns += rng.choice(list(INSTRUCTIONS.values()))(rng, people)
     if "favorite number" in opening[0] and rng.random() < 0.5:
+        kind = "number"
         turns += [rng.choice(["What is my favorite number?", "Do you remember my favorite number?"]),
                   f"Your favorite number is {number}."]
     else:
+        kind = "name"
         turns += [rng.choice(["What is my name?", "Do you remember my name?"]), f"Your name is {name}."]
-    return _chat(rng, "multi_turn", *turns)
+    return _chat(rng, "multi_turn", kind, *turns)
 
 
 # ----------------------------------------------------------------------------- (d) math word problems
 
 ADD = ["buys {n} more", "finds {n} more", "gets {n} more from a friend"]
 SUBTRACT = ["gives {n} away", "loses {n}", "sells {n}"]
-MAX_TOTAL = 30  # keep every number small: the model has to learn each sum it uses
+MAX_TOTAL = 20  # keep every number small: the model has to learn each sum it uses
 
 
 def math_conversation(rng, names) -> dict:
     """'Wendel has 7 apples. Then Wendel buys 5 more. ...' solved one operation per line:
     '7 + 5 = 12', ..., then '#### 12'."""
     name, item = rng.choice(names), rng.choice(ITEMS)
-    total = rng.randint(2, 20)
+    total = rng.randint(2, MAX_NUMBER)
     story, steps = [f"{name} has {total} {item}."], []
     for _ in range(rng.randint(1, 3)):
         add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
@@ -159,7 +152,8 @@ def math_conversation(rng, names) -> dict:
         total = new_total
     story.append(f"How many {item} does {name} have now?")
     steps.append(f"#### {total}")
-    return _chat(rng, "math", " ".join(story), "\n".join(steps))
+    kind = f"{len(steps) - 1} step" + ("s" if len(steps) > 2 else "")
+    return _chat(rng, "math", kind, " ".join(story), "\n".join(steps))
 
 
 # ----------------------------------------------------------------------------- the two sets
@@ -171,7 +165,7 @@ def _key(record: dict) -> str:
 
 def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, evaluation) records. No evaluation conversation occurs in the training set; the
-    facts are split by fact, and the user names of multi-turn recall by name (held_out_name).
+    facts are split by fact, and the users' names in multi-turn recall by name (held_out_name).
     world_seed: the world step 3 pretrained on (step1_tokenizer.corpus.default_documents uses seed 0)."""
     profile = "quick" if quick else "default"
     rng = random.Random(seed)
@@ -187,11 +181,12 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     n_eval_groups = max(1, round(len(groups) * EVAL_FACT_SHARE))
     eval_facts = [f for g in groups[:n_eval_groups] for f in g]
     train_facts = [f for g in groups[n_eval_groups:] for f in g]
-    people = sorted({f.entity for f in facts if f.relation == "profession"})  # short tokens: the corpus names them
+    people = sorted({f.entity for f in facts if f.relation == "profession"})  # one token each
+    user_names = {held_out: [p for p in people if held_out_name(p) == held_out] for held_out in (False, True)}
 
     makers = {"facts": lambda r, held_out: fact_conversation(r.choice(train_facts), r),
-              "instructions": lambda r, held_out: instruction_conversation(r),
-              "multi_turn": lambda r, held_out: multi_turn_conversation(r, held_out, train_facts),
+              "instructions": lambda r, held_out: instruction_conversation(r, people),
+              "multi_turn": lambda r, held_out: multi_turn_conversation(r, user_names[held_out], train_facts, people),
               "math": lambda r, held_out: math_conversation(r, people)}
     train = [makers[task](rng, False) for task, n in TRAIN_SIZES[profile].items() for _ in range(n)]
     rng.shuffle(train)
