@@ -28,7 +28,13 @@ STEPS = [
                         ["step3_pretrain/train_pretrain.py"],
                         ["step3_pretrain/eval_ppl.py"],
                         ["step2_model/attention_map.py"]]),
+    (4, "Fine-tuning", [["step4_sft/data.py", "--create_sample"],
+                        ["step4_sft/train_sft.py"],
+                        ["step4_sft/train_lora.py", "--lora_r", "8"],
+                        ["step4_sft/eval_sft.py"]]),
 ]
+# Scripts with nothing to size or place on a device take neither --quick nor --device.
+WITHOUT_COMMON_FLAGS = {"step1_tokenizer/show_tokens.py"}
 
 
 def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -73,7 +79,9 @@ def main(argv=None):
         print(f"\n=== Step {step}: {title} ===", flush=True)
         started = time.time()
         for script, *script_args in commands:
-            cmd = [sys.executable, script, *script_args, "--device", args.device] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, script, *script_args]
+            if script not in WITHOUT_COMMON_FLAGS:
+                cmd += ["--device", args.device] + (["--quick"] if args.quick else [])
             print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
             if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
                 print(f"run_all: step {step} failed at `{' '.join(cmd[1:])}`; fix it, then "
