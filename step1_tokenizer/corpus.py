@@ -19,6 +19,7 @@ from common.cli import UserError
 QUICK_BYTES = 200_000       # --quick: seconds to train on
 DEFAULT_BYTES = 5_000_000   # default profile: minutes on a laptop CPU
 HELDOUT_FRACTION = 0.02     # whole documents kept aside for validation
+SKILL_SHARE = 0.3           # this share of the default corpus is skill text (skills.py), the rest the world
 
 
 def read_documents(path) -> list[str]:
@@ -68,8 +69,16 @@ def split_heldout(docs: list[str], fraction: float = HELDOUT_FRACTION) -> tuple[
 
 
 def default_documents(quick: bool = False, seed: int = 0) -> tuple[list[str], list[str]]:
-    """The generated world corpus as (train, held-out) documents: ~5 MB, or ~200 KB with quick."""
+    """The generated corpus as (train, held-out) documents: ~5 MB, or ~200 KB with quick.
+    World documents (the facts) and skill documents (copying, counting, sums) shuffled together."""
+    import random
+
+    from step1_tokenizer.skills import skill_documents
     from step1_tokenizer.world import build_world, generate_documents
 
     world = build_world(seed, "quick" if quick else "default")
-    return split_heldout(generate_documents(world, target_bytes=QUICK_BYTES if quick else DEFAULT_BYTES, seed=seed))
+    target = QUICK_BYTES if quick else DEFAULT_BYTES
+    docs = (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed)
+            + skill_documents(world, target_bytes=round(target * SKILL_SHARE), seed=seed))
+    random.Random(seed).shuffle(docs)
+    return split_heldout(docs)

@@ -1,6 +1,6 @@
 """Pretraining data: text -> one long stream of token ids on disk.
 
-    python step3_pretrain/data.py            # the generated world corpus (same text step 1 trained on)
+    python step3_pretrain/data.py            # the generated corpus (the text step 1 trained on)
     python step3_pretrain/data.py --input my.txt   # any UTF-8 text, or JSONL with {"text": ...}
 
 Writes out/step3/train.bin and val.bin (token ids, uint16 when the vocabulary
@@ -59,7 +59,7 @@ def prepare(data_dir, tokenizer_path=None, input_path=None, quick=False) -> dict
     data_dir = pathlib.Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     meta = {"tokenizer": str(tokenizer_path), "tokenizer_sha": tokenizer_fingerprint(tokenizer_path),
-            "vocab_size": tokenizer.vocab_size, "source": str(input_path or "world corpus"), "quick": quick}
+            "vocab_size": tokenizer.vocab_size, "source": str(input_path or "generated corpus"), "quick": quick}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         tokens = encode_documents(tokenizer, docs, split)
         tokens.tofile(data_dir / f"{split}.bin")
@@ -91,7 +91,7 @@ def load_tokens(data_dir, split: str, tokenizer_path=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="a UTF-8 text file (documents separated by blank lines) or JSONL with "
-                                        '{"text": ...}; default: the generated world corpus')
+                                        '{"text": ...}; default: the generated corpus (world and skill text)')
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3)")
     add_common_args(parser)

@@ -42,19 +42,26 @@ EXTRA_TOKENS = 16  # a reply this much longer than the expected one is wrong any
 
 def evaluate(model, tokenizer, records: list[dict], desc: str = "eval") -> tuple[dict, list[dict]]:
     """Accuracy per task (and "overall") over records ending in an assistant turn, and every reply."""
-    correct, total, replies = defaultdict(int), defaultdict(int), []
+    replies = []
     for record in tqdm(records, desc=desc, leave=False):
         *prompt, expected = record["conversations"]
         task = record.get("task") or "other"
         budget = len(tokenizer.encode_ordinary(expected["content"])) + EXTRA_TOKENS
         answer = reply(model, tokenizer, prompt, max_new_tokens=budget)
-        ok = score(task, answer, expected["content"])
-        correct[task] += ok
-        total[task] += 1
-        replies.append({"task": task, "correct": ok, "expected": expected["content"], "reply": answer})
-    accuracy = {task: round(correct[task] / total[task], 4) for task in total}
-    accuracy["overall"] = round(sum(correct.values()) / max(1, sum(total.values())), 4)
+        replies.append({"task": task, "kind": record.get("kind"), "correct": score(task, answer, expected["content"]),
+                        "expected": expected["content"], "reply": answer})
+    accuracy = accuracy_by(replies, "task")
+    accuracy["overall"] = round(sum(r["correct"] for r in replies) / max(1, len(replies)), 4)
     return accuracy, replies
+
+
+def accuracy_by(replies: list[dict], key: str) -> dict:
+    """Accuracy per task, or per task/kind (records without a "kind" are left out of that one)."""
+    groups = defaultdict(list)
+    for r in replies:
+        if r[key] is not None:
+            groups[r[key] if key == "task" else f"{r['task']}/{r[key]}"].append(r["correct"])
+    return {name: round(sum(oks) / len(oks), 4) for name, oks in groups.items()}
 
 
 def load_eval_records(path, limit: int | None = None) -> list[dict]:
@@ -137,7 +144,8 @@ def main(argv=None):
         started = time.time()
         accuracy, replies = evaluate(model, tokenizer, records, desc=section)
         write_jsonl(replies, out_dir / f"eval_{section}.jsonl")
-        data = {"accuracy": accuracy, "n_items": len(records), "eval_seconds": round(time.time() - started, 1)}
+        data = {"accuracy": accuracy, "accuracy_by_kind": accuracy_by(replies, "kind"), "n_items": len(records),
+                "eval_seconds": round(time.time() - started, 1)}
         if section == "base":  # no fine-tuning: nothing trained, the file is the step-3 model
             data.update(trainable_params=0, train_seconds=0.0, peak_memory_mb=None,
                         file_mb=file_mb(source["checkpoint"]))

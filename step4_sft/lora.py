@@ -15,8 +15,15 @@ the merged model is an ordinary model again, with no extra matmul at
 inference. Before merging, the adapter is tiny on disk: only A and B, plus
 the settings and the base model's config so it cannot be put on the wrong model.
 
+One more small thing trains: the embedding rows of the chat template's special
+tokens (TokenRows). Pretraining never showed the model <|im_start|> and taught
+it never to write <|im_end|>; a low-rank change of the attention cannot give a
+token a vector of its own, so those two rows (2 x n_embd numbers) learn too.
+PEFT calls this trainable_token_indices.
+
     model = load_model("out/step3/model.pt")
-    wrapped = apply_lora(model, targets=("wq", "wv"), r=8, alpha=16)   # freezes the rest
+    wrapped = apply_lora(model, targets=("wq", "wv"), r=8, alpha=16,   # freezes the rest
+                         token_ids=[tok.im_start_id, tok.im_end_id])
     ... train ...
     save_adapter(model, "out/step4/lora_adapter.pt")
     merge_lora(model)                                                  # plain Transformer again
@@ -26,6 +33,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import UserError
@@ -65,6 +73,43 @@ class LoRALinear(nn.Module):
         return self.base
 
 
+class TokenRows(nn.Module):
+    """A frozen (vocab x n_embd) matrix -- the token embedding, or the lm_head -- plus trainable
+    changes to a few of its rows. With tied embeddings both wrappers share one `token_delta`,
+    as they share one matrix. The delta starts at zero: the model is unchanged at step 0."""
+
+    def __init__(self, base: nn.Embedding | nn.Linear, token_ids, token_delta: nn.Parameter):
+        super().__init__()
+        self.base, self.token_delta = base, token_delta
+        self.register_buffer("token_ids", torch.tensor(list(token_ids), dtype=torch.long,
+                                                       device=base.weight.device), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight.index_add(0, self.token_ids, self.token_delta.to(self.base.weight.dtype))
+
+    def forward(self, x):
+        return F.embedding(x, self.weight) if isinstance(self.base, nn.Embedding) else F.linear(x, self.weight)
+
+
+def _wrap_token_rows(model: nn.Module, token_ids) -> None:
+    """Wrap the embedding and the lm_head so that the rows of `token_ids` train."""
+    token_ids = sorted(set(int(i) for i in token_ids))
+    bad = [i for i in token_ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise UserError(f"token ids {bad} are outside the vocabulary (0..{model.config.vocab_size - 1})")
+    device = model.tok_emb.weight.device
+    delta = nn.Parameter(torch.zeros(len(token_ids), model.config.n_embd, device=device))
+    tied = model.lm_head.weight is model.tok_emb.weight
+    model.tok_emb = TokenRows(model.tok_emb, token_ids, delta)
+    head_delta = delta if tied else nn.Parameter(torch.zeros_like(delta))
+    model.lm_head = TokenRows(model.lm_head, token_ids, head_delta)
+
+
+def token_rows(model: nn.Module) -> dict[str, TokenRows]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TokenRows)}
+
+
 def parse_targets(text: str) -> tuple[str, ...]:
     """"wq,wv" -> ("wq", "wv"); "all-linear" -> every linear layer of a block."""
     if text.strip() == "all-linear":
@@ -88,9 +133,10 @@ def _target_layers(model: nn.Module, targets) -> list[tuple[nn.Module, str, str]
 
 
 def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0) -> list[str]:
+               dropout: float = 0.0, token_ids=()) -> list[str]:
     """Freeze every parameter of `model` and wrap the target linear layers in LoRALinear,
-    in place. Returns the names of the wrapped layers."""
+    in place; the embedding rows of `token_ids` (if any) train too. Returns the names of the
+    wrapped layers."""
     if r < 1:
         raise UserError(f"--lora_r {r} must be at least 1")
     if lora_layers(model):
@@ -103,6 +149,8 @@ def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float 
         wrapped.append(full_name)
     if not wrapped:
         raise UserError(f"no layer of the model is called any of {list(targets)}")
+    if token_ids:
+        _wrap_token_rows(model, token_ids)
     return wrapped
 
 
@@ -117,12 +165,19 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put the plain nn.Linear back, in place.
-    The result has the base model's exact structure and state_dict keys."""
+    """Fold every LoRA update (and trained token row) into its base weight and put the plain
+    modules back, in place. The result has the base model's exact structure and state_dict keys."""
     for name, layer in lora_layers(model).items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, layer.merge())
+    merged = set()  # a tied matrix is one tensor: add its shared delta once
+    for name, rows in token_rows(model).items():
+        with torch.no_grad():
+            if id(rows.base.weight) not in merged:
+                rows.base.weight.index_add_(0, rows.token_ids, rows.token_delta.to(rows.base.weight.dtype))
+                merged.add(id(rows.base.weight))
+        setattr(model, name, rows.base)
     return model
 
 
@@ -133,7 +188,7 @@ def base_fingerprint(model: nn.Module) -> str:
     pretrained model of the same size."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" not in name:
+        if "lora_" not in name and "token_delta" not in name:
             digest.update(name.replace(".base.", ".").encode())
             digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -153,9 +208,26 @@ def adapter_dict(model: nn.Module) -> dict:
         "targets": sorted({name.rpartition(".")[2] for name in layers}),
         "base_config": model.config.to_dict(),
         "base_fingerprint": base_fingerprint(model),
-        "weights": {f"{name}.{part}": getattr(layer, part).detach().cpu().clone()
-                    for name, layer in layers.items() for part in ("lora_A", "lora_B")},
+        "token_ids": _token_ids(model),
+        "weights": _adapter_weights(model),
     }
+
+
+def _token_ids(model: nn.Module) -> list[int]:
+    rows = list(token_rows(model).values())
+    return rows[0].token_ids.tolist() if rows else []
+
+
+def _adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor of the adapter by name; a tied token delta is saved once."""
+    weights = {f"{name}.{part}": getattr(layer, part) for name, layer in lora_layers(model).items()
+               for part in ("lora_A", "lora_B")}
+    seen = set()
+    for name, rows in token_rows(model).items():
+        if id(rows.token_delta) not in seen:
+            weights[f"{name}.token_delta"] = rows.token_delta
+            seen.add(id(rows.token_delta))
+    return {k: v.detach().cpu().clone() for k, v in weights.items()}
 
 
 def save_adapter(model: nn.Module, path) -> None:
@@ -179,18 +251,20 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
                         f"pass the --checkpoint it was trained on")
     layers = lora_layers(model)
     if not layers:
-        apply_lora(model, adapter["targets"], adapter["rank"], adapter["alpha"], adapter["dropout"])
+        apply_lora(model, adapter["targets"], adapter["rank"], adapter["alpha"], adapter["dropout"],
+                   token_ids=adapter.get("token_ids", []))
         layers = lora_layers(model)
     ranks = sorted({layer.r for layer in layers.values()})
     if ranks != [adapter["rank"]]:
         raise UserError(f"{path}: adapter has rank {adapter['rank']} but the model's LoRA layers have "
                         f"rank {ranks}; wrap the model with --lora_r {adapter['rank']}")
-    expected = {f"{name}.{part}" for name in layers for part in ("lora_A", "lora_B")}
-    if set(adapter["weights"]) != expected:
-        raise UserError(f"{path}: adapter targets {adapter['targets']} do not match the model's LoRA layers")
+    own = _adapter_weights(model)
+    if set(adapter["weights"]) != set(own):
+        raise UserError(f"{path}: adapter targets {adapter['targets']} (and token rows "
+                        f"{adapter.get('token_ids', [])}) do not match the model's LoRA layers")
     for key, tensor in adapter["weights"].items():
-        layer_name, _, part = key.rpartition(".")
-        param = getattr(layers[layer_name], part)
+        module_name, _, part = key.rpartition(".")
+        param = getattr(model.get_submodule(module_name), part)
         if tensor.shape != param.shape:
             raise UserError(f"{path}: {key} is {tuple(tensor.shape)} but rank {adapter['rank']} needs "
                             f"{tuple(param.shape)}; the file is damaged or was edited")

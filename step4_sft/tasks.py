@@ -19,7 +19,8 @@ import random
 import re
 import zlib
 
-from step1_tokenizer.world import FOODS, SPECIES, ask, build_world
+from step1_tokenizer.skills import ITEMS, MAX_NUMBER, MAX_TOTAL, WORDS
+from step1_tokenizer.world import ask, build_world
 
 TASKS = ("facts", "instructions", "multi_turn", "math")
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly."]
@@ -29,12 +30,8 @@ TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 30
                "quick": {"facts": 150, "instructions": 150, "multi_turn": 150, "math": 150}}
 EVAL_SIZES = {"default": 100, "quick": 8}
 EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
-MAX_NUMBER = 9  # numbers the user says (favorite number, compare, a problem's start): one digit, one token
-
-# Words the world corpus spells as ONE token each (with their leading space): the answers copy them
-# from the question, and copying one token is a skill a small model picks up in minutes (see README).
-ITEMS = ["apples", "berries", "mushrooms", "coins", "beetles", "seeds"]
-WORDS = sorted(set(FOODS + SPECIES + ITEMS) - {"acorns", "carrots", "pony"})
+# The words, items and number ranges come from the pretraining corpus's skill documents
+# (step1_tokenizer/skills.py): the model met copying, counting and sums there, and SFT teaches the format.
 
 
 def held_out_name(name: str) -> bool:
@@ -133,7 +130,6 @@ def multi_turn_conversation(rng, names, filler_facts, people) -> dict:
 
 ADD = ["buys {n} more", "finds {n} more", "gets {n} more from a friend"]
 SUBTRACT = ["gives {n} away", "loses {n}", "sells {n}"]
-MAX_TOTAL = 20  # keep every number small: the model has to learn each sum it uses
 
 
 def math_conversation(rng, names) -> dict:
@@ -144,7 +140,7 @@ def math_conversation(rng, names) -> dict:
     story, steps = [f"{name} has {total} {item}."], []
     for _ in range(rng.randint(1, 3)):
         add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
-        n = rng.randint(1, min(9, MAX_TOTAL - total) if add else min(9, total - 1))
+        n = rng.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
         verb = rng.choice(ADD if add else SUBTRACT).format(n=n)
         new_total = total + n if add else total - n
         story.append(f"Then {name} {verb}.")

@@ -231,7 +231,7 @@ def test_bad_input(tmp_path, capsys, tok):
         assert str(path) in err and problem in err and err.rstrip().endswith(run_fix)
 
 
-@pytest.mark.verifies(1, "train_tokenizer.py --quick trains on the quick world corpus and writes the "
+@pytest.mark.verifies(1, "train_tokenizer.py --quick trains on the quick generated corpus and writes the "
                          "tokenizer and out/step1/metrics.json")
 def test_train_script_quick(tmp_path, monkeypatch):
     import common.metrics

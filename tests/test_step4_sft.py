@@ -20,8 +20,8 @@ from step4_sft import eval_sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt
 from step4_sft.chat_template import encode_conversation, encode_prompt, shift_labels
 from step4_sft.data import Example, collate, load_examples, mask_table
-from step4_sft.lora import (LoRALinear, adapter_dict, apply_lora, count_trainable, load_adapter, lora_layers,
-                            merge_lora, save_adapter)
+from step4_sft.lora import (LoRALinear, TokenRows, adapter_dict, apply_lora, count_trainable, load_adapter,
+                            lora_layers, merge_lora, save_adapter, token_rows)
 from step4_sft.tasks import final_number, make_datasets, score
 
 CONVERSATION = [  # a system prompt and two user/assistant turns
@@ -220,9 +220,10 @@ def test_lora_wrapped_model_equals_base(byte_tok):
     model = Transformer(tiny_config(byte_tok.vocab_size)).eval()
     idx = torch.randint(0, byte_tok.vocab_size, (2, 20))
     before = model(idx)[0]
-    apply_lora(model, ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), r=4, alpha=8, dropout=0.1)
-    assert len(lora_layers(model)) == 2 * 7
-    assert torch.equal(model(idx)[0], before)  # B = 0: exactly the same numbers
+    apply_lora(model, ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), r=4, alpha=8, dropout=0.1,
+               token_ids=[byte_tok.im_start_id, byte_tok.im_end_id])
+    assert len(lora_layers(model)) == 2 * 7 and len(token_rows(model)) == 2
+    assert torch.equal(model(idx)[0], before)  # B = 0 and the token rows' delta = 0: exactly the same numbers
 
 
 @pytest.mark.verifies(4, "LoRA trainable parameter count equals (in + out)·r per wrapped layer")
@@ -241,6 +242,10 @@ def test_lora_parameter_count(byte_tok):
         assert {n for n, p in model.named_parameters() if p.requires_grad} == {
             f"{name}.{part}" for name in lora_layers(model) for part in ("lora_A", "lora_B")}
     assert count_trainable(Transformer(config))[1] == total - trainable
+    # the chat tokens' rows add n_embd each, once: the embedding and the tied lm_head share them
+    model = Transformer(config)
+    apply_lora(model, ("wq", "wv"), r=8, token_ids=[byte_tok.im_start_id, byte_tok.im_end_id])
+    assert count_trainable(model)[0] == config.n_layer * ((32 + 32) + (32 + 16)) * 8 + 2 * 32
 
 
 @pytest.mark.verifies(4, "Merged model's logits equal the unmerged adapter model's")
@@ -249,13 +254,16 @@ def test_merged_logits_equal_unmerged(byte_tok):
     model = Transformer(tiny_config(byte_tok.vocab_size)).eval()
     idx = torch.randint(0, byte_tok.vocab_size, (2, 20))
     base_logits = model(idx)[0]
-    apply_lora(model, "wq wk wv wo w_up".split(), r=4, alpha=8)
+    apply_lora(model, "wq wk wv wo w_up".split(), r=4, alpha=8, token_ids=[byte_tok.im_end_id, idx[0, 3]])
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.5)  # a trained-looking, non-zero update
+    torch.nn.init.normal_(model.tok_emb.token_delta, std=0.5)  # a token that is read and one that is scored
     unmerged = model(idx)[0]
     merge_lora(model)
     merged = model(idx)[0]
-    assert not lora_layers(model) and all(type(m) is not LoRALinear for m in model.modules())
+    assert not lora_layers(model) and not token_rows(model)
+    assert all(type(m) not in (LoRALinear, TokenRows) for m in model.modules())
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied
     assert set(model.state_dict()) == set(Transformer(model.config).state_dict())
     assert not torch.allclose(unmerged, base_logits, atol=1e-3)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
@@ -266,12 +274,13 @@ def test_only_lora_parameters_change(files, lora_run):
     out, result = lora_run
     base = load_checkpoint(files / "base.pt")["model"]
     trained = load_checkpoint(out / "lora_checkpoint.pt")["model"]  # the whole wrapped model after training
-    lora_keys = {k for k in trained if ".lora_" in k}
-    assert len(lora_keys) == 2 * 2 * 2  # 2 layers x (wq, wv) x (A, B)
+    lora_keys = {k for k in trained if ".lora_" in k or "token_delta" in k}
+    assert len(lora_keys) == 2 * 2 * 2 + 2  # 2 layers x (wq, wv) x (A, B); the token rows, under 2 names
     for key, tensor in trained.items():
         if key not in lora_keys:
             assert torch.equal(tensor, base[key.replace(".base.", ".")]), key
     assert all(trained[k].abs().sum() > 0 for k in lora_keys if k.endswith("lora_B"))  # B moved away from 0
+    assert trained["tok_emb.token_delta"].abs().sum(dim=1).min() > 0  # both chat tokens' rows moved
     assert result["trainable_percent"] < 5
 
 
@@ -282,7 +291,7 @@ def test_adapter_file_much_smaller(files, lora_run):
     assert adapter_bytes * 10 < (files / "base.pt").stat().st_size
     adapter = load_checkpoint(out / "lora_adapter.pt")
     assert set(adapter["weights"]) == {f"blocks.{i}.attn.{m}.{p}" for i in range(2) for m in ("wq", "wv")
-                                       for p in ("lora_A", "lora_B")}
+                                       for p in ("lora_A", "lora_B")} | {"tok_emb.token_delta"}
     assert adapter["rank"] == 8 and adapter["targets"] == ["wq", "wv"]
 
 

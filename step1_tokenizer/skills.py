@@ -1,0 +1,123 @@
+"""Everyday documents that exercise skills rather than facts: remembering what someone said earlier
+in the text, reading a list back, swapping one word of a list, counting, comparing, small sums.
+
+Why they are in the pretraining corpus: step 4's chat tasks ask the model to hand back a name the
+user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches
+a model the FORMAT of an answer, not a new skill (a pretrained model that has never had to copy a
+word from its context fails at it however well it is fine-tuned: we measured that, see the step 4
+README). Real pretraining corpora are full of such text; ours gets it from these templates.
+
+None of these documents states a fact about the world: people and towns appear only as names, so
+the world's facts stay exactly as world.py tells them. Names, numbers and words are drawn at random,
+so a document can only be predicted by looking back at what it said before.
+
+    docs = skill_documents(build_world(0), target_bytes=1_000_000, seed=0)
+"""
+import random
+
+from step1_tokenizer.world import FOODS, SPECIES, World
+
+ITEMS = ["apples", "berries", "mushrooms", "coins", "beetles", "seeds"]   # things people count
+# Things people list: words the world text spells often, so each is one token (step 4 reuses these).
+WORDS = sorted(set(FOODS + SPECIES + ITEMS) - {"acorns", "carrots", "pony"})
+MAX_NUMBER = 9    # a number someone says, or adds or takes away: one digit
+MAX_TOTAL = 20    # every running total stays at or below this
+NEW_NAME_SHARE = 0.3  # this share of strangers get a made-up name instead of a world person's name
+CONSONANTS, VOWELS = "bdfghklmnprstvz", "aeiou"
+
+
+def _new_name(rng) -> str:
+    """A made-up name of two or three syllables ("Bazomi"): several tokens to copy, not one."""
+    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def _and_list(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
+
+
+class _Writer:
+    def __init__(self, world: World, rng: random.Random):
+        self.people, self.towns, self.rng = world.names("person"), world.names("place"), rng
+
+    def stranger(self) -> str:
+        return _new_name(self.rng) if self.rng.random() < NEW_NAME_SHARE else self.rng.choice(self.people)
+
+    def introduction(self) -> str:
+        """Someone says a name (and a number); other talk follows; the name (or number) is said back."""
+        r = self.rng
+        name, host, town, number = self.stranger(), r.choice(self.people), r.choice(self.towns), r.randint(1, MAX_NUMBER)
+        opening = r.choice([f'"Hello, my name is {name}," said the traveler.', f'"I am {name}," said the traveler.',
+                            f'"Call me {name}," said the traveler.'])
+        with_number = r.random() < 0.5
+        if with_number:
+            opening += f' "My favorite number is {number}."'
+        middle = " ".join(r.sample([f"{host} showed the traveler around {town}.", "They talked about the weather.",
+                                    f"{host} made some tea and they sat by the fire.", "They walked to the market.",
+                                    "The traveler was tired after the long road.", f"{host} told a story."],
+                                   r.randint(1, 3)))
+        if with_number and r.random() < 0.5:
+            ending = f'Later {host} asked, "What was your favorite number?" "My favorite number is {number}," said {name}.'
+        else:
+            ending = r.choice([f'Later {host} said, "Your name is {name}, I remember."',
+                               f'When they met again, {host} said, "Good morning, {name}!"',
+                               f'"What was your name again?" asked {host}. "My name is {name}," said the traveler.'])
+        return f"A traveler came to {town} and met {host}. {opening} {middle} {ending}"
+
+    def shopping_list(self) -> str:
+        """A list, the same list numbered, and how many things are on it."""
+        r = self.rng
+        person, words = r.choice(self.people), r.sample(WORDS, r.randint(2, 6))
+        numbered = "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1))
+        return (f"{person} wrote down what to buy: {', '.join(words)}. At home {person} made a numbered list:\n"
+                f"{numbered}\nThere are {len(words)} items on the list.")
+
+    def change_of_mind(self) -> str:
+        """A sentence, then the same sentence with one word swapped for another."""
+        r = self.rng
+        person, words = r.choice(self.people), r.sample(WORDS, r.randint(3, 5))
+        old, new = r.choice(words), r.choice([w for w in WORDS if w not in words])
+        swapped = [new if w == old else w for w in words]
+        return (f'{person} said, "I like {_and_list(words)}." Then {person} changed one word, {old} for {new}, '
+                f'and said, "I like {_and_list(swapped)}."')
+
+    def comparison(self) -> str:
+        """Two people, two counts, who has more and who has fewer."""
+        r = self.rng
+        (a, b), (n, m), item = r.sample(self.people, 2), r.sample(range(1, MAX_NUMBER + 1), 2), r.choice(ITEMS)
+        more, fewer = (a, b) if n > m else (b, a)
+        return (f"{a} has {n} {item} and {b} has {m} {item}. {max(n, m)} is more than {min(n, m)}, "
+                f"so {more} has more {item} and {fewer} has fewer {item}.")
+
+    def sums(self) -> str:
+        """A story of adding and taking away, each step a sum like step 4's math answers: written as the
+        story goes, or (half the time) the story first and the working after, as a question is answered."""
+        r = self.rng
+        person, item = r.choice(self.people), r.choice(ITEMS)
+        total = r.randint(2, MAX_NUMBER)
+        story, working = [f"{person} has {total} {item}."], []
+        for _ in range(r.randint(1, 3)):
+            add = total < 3 or (total + 1 <= MAX_TOTAL and r.random() < 0.5)
+            n = r.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
+            verb = r.choice(["buys {n} more", "finds {n} more"] if add else ["gives {n} away", "sells {n}"])
+            new_total = total + n if add else total - n
+            story.append(f"Then {person} {verb.format(n=n)}")
+            working.append(f"{total} {'+' if add else '-'} {n} = {new_total}")
+            total = new_total
+        if r.random() < 0.5:
+            steps = " ".join(f"{s}: {w}." for s, w in zip(story[1:], working))
+            return f"{story[0]} {steps} Now {person} has {total} {item}."
+        steps = " ".join(s + "." for s in story[1:])
+        return f"{story[0]} {steps} To count the {item}: {', '.join(working)}. Now {person} has {total} {item}."
+
+
+KINDS = ("introduction", "shopping_list", "change_of_mind", "comparison", "sums")
+
+
+def skill_documents(world: World, target_bytes: int, seed: int = 0) -> list[str]:
+    """About `target_bytes` of skill documents, the kinds taking turns; the same seed gives the same text."""
+    writer, docs, total = _Writer(world, random.Random(seed)), [], 0
+    while total < target_bytes:
+        doc = getattr(writer, KINDS[len(docs) % len(KINDS)])()
+        docs.append(doc)
+        total += len(doc.encode("utf-8")) + 2  # + the blank line that separates documents in a file
+    return docs

@@ -1,0 +1,72 @@
+"""Tests of the skill documents mixed into the pretraining corpus (step1_tokenizer/skills.py)."""
+import re
+
+import pytest
+
+from step1_tokenizer.corpus import DEFAULT_BYTES, SKILL_SHARE, default_documents
+from step1_tokenizer.skills import WORDS, skill_documents
+from step1_tokenizer.world import build_world, generate_documents, phrasings
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(seed=0)
+
+
+@pytest.fixture(scope="module")
+def docs(world):
+    return skill_documents(world, target_bytes=200_000, seed=0)
+
+
+def test_same_seed_same_text_and_the_size_asked_for(world, docs):
+    assert skill_documents(world, target_bytes=200_000, seed=0) == docs
+    assert skill_documents(world, target_bytes=200_000, seed=1) != docs
+    assert 200_000 <= sum(len(d) + 2 for d in docs) < 201_000
+    assert all(d.isascii() and "\n\n" not in d and d == d.strip() for d in docs)
+
+
+def test_every_sum_is_right_and_every_total_is_carried_on(docs):
+    stories = [d for d in docs if " = " in d]
+    assert len(stories) > 100
+    for story in stories:
+        steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", story)
+        for a, op, b, c in steps:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)), story
+            assert 0 < int(c) <= 20
+        for (_, _, _, c), (a, _, _, _) in zip(steps, steps[1:]):
+            assert c == a, story  # the next step starts from the last result
+        assert story.startswith(re.match(r"\w+ has " + steps[0][0] + " ", story).group(0))
+        assert story.endswith(f"has {steps[-1][3]} " + story.split()[-1])
+
+
+def test_what_is_said_earlier_is_what_comes_back(docs):
+    """The skills are copying skills: the later text repeats exactly what the earlier text said."""
+    for d in docs:
+        if d.startswith("A traveler came to"):
+            name = re.search(r'"(?:Hello, my name is|I am|Call me) (\w+),"', d).group(1)
+            number = re.search(r"My favorite number is (\d)\.", d)
+            tail = d[d.index(name) + len(name):]
+            assert name in tail or (number and f"My favorite number is {number.group(1)}," in tail), d
+        elif "made a numbered list" in d:
+            words = re.search(r"what to buy: ([a-z, ]+)\.", d).group(1).split(", ")
+            assert d.split(":\n")[1].splitlines() == [f"{i}. {w}" for i, w in enumerate(words, 1)] + [
+                f"There are {len(words)} items on the list."]
+        elif "changed one word" in d:
+            before, after = re.findall(r'"I like ([a-z, ]+)\."', d)
+            old, new = re.search(r"changed one word, (\w+) for (\w+),", d).groups()
+            assert after == re.sub(rf"\b{old}\b", new, before) and old in WORDS and new in WORDS
+
+
+def test_skill_text_states_no_fact_of_the_world(world, docs):
+    text = "\n".join(docs)
+    assert [f for f in world.facts if any(p in text for p in phrasings(world, f))] == []
+
+
+def test_the_default_corpus_is_world_text_and_skill_text(world):
+    train, heldout = default_documents()
+    docs = train + heldout
+    world_docs = generate_documents(world, target_bytes=round(DEFAULT_BYTES * (1 - SKILL_SHARE)), seed=0)
+    skill = [d for d in docs if d not in set(world_docs)]
+    share = sum(len(d) + 2 for d in skill) / sum(len(d) + 2 for d in docs)
+    assert abs(share - SKILL_SHARE) < 0.01
+    assert len(docs) == len(world_docs) + len(skill)
