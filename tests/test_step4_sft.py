@@ -379,3 +379,14 @@ def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
     assert written["full_sft"]["accuracy"] == accuracy
     replies = [json.loads(line) for line in (tmp_path / "step4" / "eval_full_sft.jsonl").open()]
     assert len(replies) == 8 and all(r["correct"] == score(r["task"], r["reply"], r["expected"]) for r in replies)
+
+
+@pytest.mark.verifies(4, "The step 4 notebook runs top to bottom")
+def test_notebook_runs():
+    from tests.notebooks import outputs_text, run_notebook
+
+    text = outputs_text(run_notebook("step4_sft/step4_sft.ipynb"))
+    assert "largest gradient at a masked position: 0.0" in text  # the mask, seen in the gradient
+    assert "same logits as the base model before training: True" in text
+    assert "LoRA layers left after merging: 0" in text
+    assert "the second prompt held 3 earlier messages" in text
