@@ -34,10 +34,11 @@ from step4_sft.data import MAKE_SAMPLE, collate, load_examples, sft_batch
 
 MAKE_BASE = "python step3_pretrain/train_pretrain.py"
 # Any flag given on the command line wins over its profile. Fine-tuning moves a trained model
-# a little: fewer steps and a smaller learning rate than pretraining.
+# a little: a smaller learning rate than pretraining. 1000 default steps, not 600, is measured:
+# math answers rose from 59 % to 89 % (step 4 README), still inside the 10-minute budget.
 PROFILES = {
     "quick": dict(max_steps=30, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=5, eval_every=0, ckpt_every=0),
-    "default": dict(max_steps=600, batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=30, eval_every=100,
+    "default": dict(max_steps=1000, batch_size=16, grad_accum=1, lr=1e-3, warmup_steps=30, eval_every=200,
                     ckpt_every=200),
     "gpu": dict(max_steps=1000, batch_size=64, grad_accum=1, lr=5e-4, warmup_steps=50, eval_every=200,
                 ckpt_every=500),
