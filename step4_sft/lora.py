@@ -93,11 +93,7 @@ class TokenRows(nn.Module):
 
 
 def _wrap_token_rows(model: nn.Module, token_ids) -> None:
-    """Wrap the embedding and the lm_head so that the rows of `token_ids` train."""
-    token_ids = sorted(set(int(i) for i in token_ids))
-    bad = [i for i in token_ids if not 0 <= i < model.config.vocab_size]
-    if bad:
-        raise UserError(f"token ids {bad} are outside the vocabulary (0..{model.config.vocab_size - 1})")
+    """Wrap the embedding and the lm_head so that the rows of `token_ids` (checked, sorted) train."""
     device = model.tok_emb.weight.device
     delta = nn.Parameter(torch.zeros(len(token_ids), model.config.n_embd, device=device))
     tied = model.lm_head.weight is model.tok_emb.weight
@@ -141,6 +137,7 @@ def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float 
         raise UserError(f"--lora_r {r} must be at least 1")
     if lora_layers(model):
         raise UserError("this model already has LoRA layers; merge_lora() them first")
+    token_ids = _checked_token_ids(model, token_ids)  # before anything is changed
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = []
@@ -152,6 +149,15 @@ def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float 
     if token_ids:
         _wrap_token_rows(model, token_ids)
     return wrapped
+
+
+def _checked_token_ids(model: nn.Module, token_ids) -> list[int]:
+    """Sorted, distinct ids (from a list or a tensor), all inside the vocabulary."""
+    token_ids = sorted(set(int(i) for i in token_ids))
+    bad = [i for i in token_ids if not 0 <= i < model.config.vocab_size]
+    if bad:
+        raise UserError(f"token ids {bad} are outside the vocabulary (0..{model.config.vocab_size - 1})")
+    return token_ids
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -177,7 +183,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             if id(rows.base.weight) not in merged:
                 rows.base.weight.index_add_(0, rows.token_ids, rows.token_delta.to(rows.base.weight.dtype))
                 merged.add(id(rows.base.weight))
-        setattr(model, name, rows.base)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, rows.base)
     return model
 
 
@@ -258,6 +265,9 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
     if ranks != [adapter["rank"]]:
         raise UserError(f"{path}: adapter has rank {adapter['rank']} but the model's LoRA layers have "
                         f"rank {ranks}; wrap the model with --lora_r {adapter['rank']}")
+    if adapter.get("token_ids", []) != _token_ids(model):  # same count, other rows: would load silently
+        raise UserError(f"{path}: adapter trains the rows of tokens {adapter.get('token_ids', [])} but the "
+                        f"model's LoRA wraps {_token_ids(model)}; load it into a model without LoRA layers")
     own = _adapter_weights(model)
     if set(adapter["weights"]) != set(own):
         raise UserError(f"{path}: adapter targets {adapter['targets']} (and token rows "

@@ -35,7 +35,7 @@ def test_every_sum_is_right_and_every_total_is_carried_on(docs):
             assert 0 < int(c) <= 20
         for (_, _, _, c), (a, _, _, _) in zip(steps, steps[1:]):
             assert c == a, story  # the next step starts from the last result
-        assert story.startswith(re.match(r"\w+ has " + steps[0][0] + " ", story).group(0))
+        assert re.match(r"\w+ has " + steps[0][0] + " ", story), story  # the story starts from the first number
         assert story.endswith(f"has {steps[-1][3]} " + story.split()[-1])
 
 
@@ -54,6 +54,7 @@ def test_what_is_said_earlier_is_what_comes_back(docs):
         elif "changed one word" in d:
             before, after = re.findall(r'"I like ([a-z, ]+)\."', d)
             old, new = re.search(r"changed one word, (\w+) for (\w+),", d).groups()
+            assert re.search(rf"\b{old}\b", before) and not re.search(rf"\b{new}\b", before), d
             assert after == re.sub(rf"\b{old}\b", new, before) and old in WORDS and new in WORDS
 
 
@@ -66,7 +67,8 @@ def test_the_default_corpus_is_world_text_and_skill_text(world):
     train, heldout = default_documents()
     docs = train + heldout
     world_docs = generate_documents(world, target_bytes=round(DEFAULT_BYTES * (1 - SKILL_SHARE)), seed=0)
-    skill = [d for d in docs if d not in set(world_docs)]
+    world_set = set(world_docs)
+    skill = [d for d in docs if d not in world_set]
     share = sum(len(d) + 2 for d in skill) / sum(len(d) + 2 for d in docs)
     assert abs(share - SKILL_SHARE) < 0.01
     assert len(docs) == len(world_docs) + len(skill)

@@ -249,21 +249,30 @@ def test_lora_parameter_count(byte_tok):
 
 
 @pytest.mark.verifies(4, "Merged model's logits equal the unmerged adapter model's")
-def test_merged_logits_equal_unmerged(byte_tok):
+@pytest.mark.parametrize("tied", [True, False])
+def test_merged_logits_equal_unmerged(byte_tok, tied):
     torch.manual_seed(0)
-    model = Transformer(tiny_config(byte_tok.vocab_size)).eval()
+    model = Transformer(tiny_config(byte_tok.vocab_size, tie_embeddings=tied)).eval()
     idx = torch.randint(0, byte_tok.vocab_size, (2, 20))
     base_logits = model(idx)[0]
-    apply_lora(model, "wq wk wv wo w_up".split(), r=4, alpha=8, token_ids=[byte_tok.im_end_id, idx[0, 3]])
+    apply_lora(model, "wq wk wv wo w_up".split(), r=4, alpha=8, token_ids=torch.stack([idx[0, 3], idx[0, 5]]))
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.5)  # a trained-looking, non-zero update
-    torch.nn.init.normal_(model.tok_emb.token_delta, std=0.5)  # a token that is read and one that is scored
+    torch.nn.init.normal_(model.tok_emb.token_delta, std=0.5)  # tokens that are both read and scored
+    if not tied:  # an untied lm_head has its own rows
+        torch.nn.init.normal_(model.lm_head.token_delta, std=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("base.weight", "token_delta"))}
     unmerged = model(idx)[0]
     merge_lora(model)
     merged = model(idx)[0]
     assert not lora_layers(model) and not token_rows(model)
     assert all(type(m) not in (LoRALinear, TokenRows) for m in model.modules())
-    assert model.lm_head.weight is model.tok_emb.weight  # still tied
+    assert (model.lm_head.weight is model.tok_emb.weight) == tied  # tied stays tied
+    rows = sorted({int(idx[0, 3]), int(idx[0, 5])})
+    for name in ("tok_emb", "lm_head"):  # each delta added exactly once, and only to its rows
+        change = model.get_submodule(name).weight - before[f"{name}.base.weight"]
+        assert change.abs().sum(dim=1).nonzero().flatten().tolist() == rows
+        torch.testing.assert_close(change[rows], before[f"{name}.token_delta"])
     assert set(model.state_dict()) == set(Transformer(model.config).state_dict())
     assert not torch.allclose(unmerged, base_logits, atol=1e-3)
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
@@ -295,12 +304,18 @@ def test_adapter_file_much_smaller(files, lora_run):
     assert adapter["rank"] == 8 and adapter["targets"] == ["wq", "wv"]
 
 
-def test_adapter_round_trip_and_mismatches(files, lora_run, tmp_path):
+def test_adapter_round_trip_and_mismatches(tok, files, lora_run, tmp_path):
     out, _ = lora_run
     model = load_model(files / "base.pt")
     load_adapter(model, out / "lora_adapter.pt")
     trained = load_checkpoint(out / "lora_checkpoint.pt")["model"]
     assert all(torch.equal(t, trained[k]) for k, t in model.state_dict().items())
+    assert load_checkpoint(out / "lora_adapter.pt")["token_ids"] == sorted([tok.im_start_id, tok.im_end_id])
+    assert model.tok_emb.token_ids.tolist() == sorted([tok.im_start_id, tok.im_end_id])
+    other_rows = load_model(files / "base.pt")  # the same number of rows, but other tokens'
+    apply_lora(other_rows, ("wq", "wv"), r=8, token_ids=[1, 2])
+    with pytest.raises(UserError, match="trains the rows of tokens"):
+        load_adapter(other_rows, out / "lora_adapter.pt")
     other = Transformer(tiny_config(model.config.vocab_size, n_embd=16))
     with pytest.raises(UserError, match="different base model.*n_embd=32 there but 16 here"):
         load_adapter(other, out / "lora_adapter.pt")
@@ -379,6 +394,11 @@ def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
     assert written["full_sft"]["accuracy"] == accuracy
     replies = [json.loads(line) for line in (tmp_path / "step4" / "eval_full_sft.jsonl").open()]
     assert len(replies) == 8 and all(r["correct"] == score(r["task"], r["reply"], r["expected"]) for r in replies)
+    by_kind = written["full_sft"]["accuracy_by_kind"]
+    assert set(by_kind) == {f"{r['task']}/{r['kind']}" for r in replies}
+    for name, value in by_kind.items():  # the mean of the replies of that task and kind
+        oks = [r["correct"] for r in replies if f"{r['task']}/{r['kind']}" == name]
+        assert value == round(sum(oks) / len(oks), 4)
 
 
 @pytest.mark.verifies(4, "The step 4 notebook runs top to bottom")
