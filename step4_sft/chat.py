@@ -31,6 +31,9 @@ from step4_sft.chat_template import encode_prompt
 from step4_sft.lora import load_adapter, merge_lora
 
 MAKE_SFT = "python step4_sft/train_sft.py"
+# The reply's room comes out of the context: with block_size 256, a 64-token reply leaves 192
+# tokens of conversation. (200 left 56, and the model "forgot" a name said two turns before.)
+REPLY_TOKENS = 64
 
 
 def load_chat_model(checkpoint=None, lora=None, device="cpu", merge: bool = True):
@@ -58,12 +61,17 @@ def fit_prompt(tokenizer, messages: list[dict], budget: int) -> list[int]:
         turns = turns[1:]
 
 
-def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.0,
-                 top_k: int | None = None, generator=None):
+def prompt_budget(model, max_new_tokens: int) -> int:
+    """Tokens of conversation that fit beside a reply of `max_new_tokens` in the context."""
+    return model.config.block_size - min(max_new_tokens, model.config.block_size - 1)
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = REPLY_TOKENS,
+                 temperature: float = 0.0, top_k: int | None = None, generator=None):
     """Yield the assistant's reply to `messages` as pieces of text while the model writes it."""
     device = next(model.parameters()).device
+    prompt = fit_prompt(tokenizer, messages, prompt_budget(model, max_new_tokens))
     max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
-    prompt = fit_prompt(tokenizer, messages, model.config.block_size - max_new_tokens)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     new_ids, shown = [], ""
     for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -95,10 +103,13 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.dropping = False  # True once the oldest turns no longer fit the context
 
     def send(self, text: str):
         """Add the user's message; yield the reply in pieces; remember the reply."""
         self.messages.append({"role": "user", "content": text})
+        budget = prompt_budget(self.model, self.generation.get("max_new_tokens", REPLY_TOKENS))
+        self.dropping = len(encode_prompt(self.tokenizer, self.messages)) > budget
         pieces = []
         for piece in stream_reply(self.model, self.tokenizer, self.messages, **self.generation):
             pieces.append(piece)
@@ -122,11 +133,15 @@ def chat_loop(session: ChatSession, lines, out, interactive: bool) -> int:
             session.reset()
             out.write("(conversation cleared)\n")
         elif text:
+            was_dropping = session.dropping
             out.write("assistant> ")
             for piece in session.send(text):
                 out.write(piece)
                 out.flush()
             out.write("\n")
+            if session.dropping and not was_dropping:
+                out.write(f"(the conversation no longer fits the model's {session.model.config.block_size}-token "
+                          f"context: the oldest turns are left out from now on; /reset starts afresh)\n")
             turns += 1
         if interactive:
             out.write("you> ")
@@ -141,7 +156,9 @@ def main(argv=None):
     parser.add_argument("--lora", default=None, metavar="ADAPTER", help="a LoRA adapter from train_lora.py")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--system", default=None, help="system prompt that starts the conversation")
-    parser.add_argument("--max_new_tokens", type=int, default=200, help="longest reply (default 200)")
+    parser.add_argument("--max_new_tokens", type=int, default=REPLY_TOKENS,
+                        help=f"longest reply (default {REPLY_TOKENS}); its room comes out of the context, "
+                             "so a larger value keeps fewer earlier turns")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); try 0.8")
     parser.add_argument("--top_k", type=int, default=None, help="sample only among the k likeliest tokens")
     add_common_args(parser)

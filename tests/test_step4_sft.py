@@ -383,6 +383,20 @@ def test_long_conversation_drops_oldest_turns_but_keeps_system(byte_tok):
     assert len(fit_prompt(byte_tok, messages, budget=500)) == len(encode_prompt(byte_tok, messages))
 
 
+def test_chat_says_when_the_oldest_turns_are_left_out(byte_tok):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(byte_tok.vocab_size, block_size=96)).eval()
+    session = ChatSession(model, byte_tok, max_new_tokens=16)  # 96 - 16 = 80 tokens of conversation
+    out = io.StringIO()
+    lines = ["a" * 20 + "\n", "b" * 20 + "\n", "c" * 20 + "\n"]  # 20 bytes + 15 template tokens, + a reply
+    chat_loop(session, lines, out, interactive=False)
+    transcript = out.getvalue()
+    assert transcript.count("the oldest turns are left out") == 1  # said once, when it first happens
+    first_turn = encode_prompt(byte_tok, session.messages[:1])
+    assert len(first_turn) <= 80 < len(encode_prompt(byte_tok, session.messages[:3]))
+    assert transcript.index("the oldest turns") > transcript.index("you> " + "b" * 20)
+
+
 def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
     monkeypatch.setattr("common.paths.OUT_DIR", tmp_path)
     result = eval_sft.main(["--checkpoint", str(files / "base.pt"), "--tokenizer", str(files / "tokenizer.json"),
