@@ -3,8 +3,8 @@ in the text, reading a list back, swapping one word of a list, counting, compari
 
 Why they are in the pretraining corpus: step 4's chat tasks ask the model to hand back a name the
 user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches
-a model the FORMAT of an answer, not a new skill (a pretrained model that has never had to copy a
-word from its context fails at it however well it is fine-tuned: we measured that, see the step 4
+a model the FORMAT of an answer, not a new skill: pretrained without these documents, our model
+recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps; step 4
 README). Real pretraining corpora are full of such text; ours gets it from these templates.
 
 None of these documents states a fact about the world: people and towns appear only as names, so
@@ -31,6 +31,23 @@ def _new_name(rng) -> str:
     return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))).capitalize()
 
 
+def sum_story(rng, person: str, add_verbs, take_verbs) -> tuple[str, list[str], list[str], int]:
+    """One to three steps of adding and taking away, every total between 1 and MAX_TOTAL:
+    (item, sentences "Mira has 7 apples." "Then Mira buys 5 more", sums "7 + 5 = 12", final total).
+    Step 4's math problems are written from the same function, so pretraining has seen each kind of sum."""
+    item, total = rng.choice(ITEMS), rng.randint(2, MAX_NUMBER)
+    story, working = [f"{person} has {total} {item}."], []
+    for _ in range(rng.randint(1, 3)):
+        add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
+        n = rng.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
+        verb = rng.choice(add_verbs if add else take_verbs).format(n=n)
+        new_total = total + n if add else total - n
+        story.append(f"Then {person} {verb}")
+        working.append(f"{total} {'+' if add else '-'} {n} = {new_total}")
+        total = new_total
+    return item, story, working, total
+
+
 def _and_list(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1] if len(words) > 1 else words[0]
 
@@ -45,7 +62,8 @@ class _Writer:
     def introduction(self) -> str:
         """Someone says a name (and a number); other talk follows; the name (or number) is said back."""
         r = self.rng
-        name, host, town, number = self.stranger(), r.choice(self.people), r.choice(self.towns), r.randint(1, MAX_NUMBER)
+        name, host = self.stranger(), r.choice(self.people)
+        town, number = r.choice(self.towns), r.randint(1, MAX_NUMBER)
         opening = r.choice([f'"Hello, my name is {name}," said the traveler.', f'"I am {name}," said the traveler.',
                             f'"Call me {name}," said the traveler.'])
         with_number = r.random() < 0.5
@@ -56,7 +74,8 @@ class _Writer:
                                     "The traveler was tired after the long road.", f"{host} told a story."],
                                    r.randint(1, 3)))
         if with_number and r.random() < 0.5:
-            ending = f'Later {host} asked, "What was your favorite number?" "My favorite number is {number}," said {name}.'
+            ending = (f'Later {host} asked, "What was your favorite number?" '
+                      f'"My favorite number is {number}," said {name}.')
         else:
             ending = r.choice([f'Later {host} said, "Your name is {name}, I remember."',
                                f'When they met again, {host} said, "Good morning, {name}!"',
@@ -92,17 +111,9 @@ class _Writer:
         """A story of adding and taking away, each step a sum like step 4's math answers: written as the
         story goes, or (half the time) the story first and the working after, as a question is answered."""
         r = self.rng
-        person, item = r.choice(self.people), r.choice(ITEMS)
-        total = r.randint(2, MAX_NUMBER)
-        story, working = [f"{person} has {total} {item}."], []
-        for _ in range(r.randint(1, 3)):
-            add = total < 3 or (total + 1 <= MAX_TOTAL and r.random() < 0.5)
-            n = r.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
-            verb = r.choice(["buys {n} more", "finds {n} more"] if add else ["gives {n} away", "sells {n}"])
-            new_total = total + n if add else total - n
-            story.append(f"Then {person} {verb.format(n=n)}")
-            working.append(f"{total} {'+' if add else '-'} {n} = {new_total}")
-            total = new_total
+        person = r.choice(self.people)
+        item, story, working, total = sum_story(r, person, ["buys {n} more", "finds {n} more"],
+                                                ["gives {n} away", "sells {n}"])
         if r.random() < 0.5:
             steps = " ".join(f"{s}: {w}." for s, w in zip(story[1:], working))
             return f"{story[0]} {steps} Now {person} has {total} {item}."

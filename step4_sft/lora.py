@@ -216,7 +216,7 @@ def adapter_dict(model: nn.Module) -> dict:
         "base_config": model.config.to_dict(),
         "base_fingerprint": base_fingerprint(model),
         "token_ids": _token_ids(model),
-        "weights": _adapter_weights(model),
+        "weights": {k: v.detach().cpu().clone() for k, v in _adapter_weights(model).items()},
     }
 
 
@@ -226,7 +226,7 @@ def _token_ids(model: nn.Module) -> list[int]:
 
 
 def _adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of the adapter by name; a tied token delta is saved once."""
+    """Every trainable tensor of the adapter by name (live parameters); a tied token delta counts once."""
     weights = {f"{name}.{part}": getattr(layer, part) for name, layer in lora_layers(model).items()
                for part in ("lora_A", "lora_B")}
     seen = set()
@@ -234,7 +234,7 @@ def _adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         if id(rows.token_delta) not in seen:
             weights[f"{name}.token_delta"] = rows.token_delta
             seen.add(id(rows.token_delta))
-    return {k: v.detach().cpu().clone() for k, v in weights.items()}
+    return weights
 
 
 def save_adapter(model: nn.Module, path) -> None:
@@ -268,8 +268,7 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
     if adapter.get("token_ids", []) != _token_ids(model):  # same count, other rows: would load silently
         raise UserError(f"{path}: adapter trains the rows of tokens {adapter.get('token_ids', [])} but the "
                         f"model's LoRA wraps {_token_ids(model)}; load it into a model without LoRA layers")
-    own = _adapter_weights(model)
-    if set(adapter["weights"]) != set(own):
+    if set(adapter["weights"]) != set(_adapter_weights(model)):
         raise UserError(f"{path}: adapter targets {adapter['targets']} (and token rows "
                         f"{adapter.get('token_ids', [])}) do not match the model's LoRA layers")
     for key, tensor in adapter["weights"].items():

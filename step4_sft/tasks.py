@@ -19,7 +19,7 @@ import random
 import re
 import zlib
 
-from step1_tokenizer.skills import ITEMS, MAX_NUMBER, MAX_TOTAL, WORDS
+from step1_tokenizer.skills import ITEMS, MAX_NUMBER, WORDS, sum_story
 from step1_tokenizer.world import ask, build_world
 
 TASKS = ("facts", "instructions", "multi_turn", "math")
@@ -135,21 +135,12 @@ SUBTRACT = ["gives {n} away", "loses {n}", "sells {n}"]
 def math_conversation(rng, names) -> dict:
     """'Wendel has 7 apples. Then Wendel buys 5 more. ...' solved one operation per line:
     '7 + 5 = 12', ..., then '#### 12'."""
-    name, item = rng.choice(names), rng.choice(ITEMS)
-    total = rng.randint(2, MAX_NUMBER)
-    story, steps = [f"{name} has {total} {item}."], []
-    for _ in range(rng.randint(1, 3)):
-        add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
-        n = rng.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
-        verb = rng.choice(ADD if add else SUBTRACT).format(n=n)
-        new_total = total + n if add else total - n
-        story.append(f"Then {name} {verb}.")
-        steps.append(f"{total} {'+' if add else '-'} {n} = {new_total}")
-        total = new_total
-    story.append(f"How many {item} does {name} have now?")
-    steps.append(f"#### {total}")
-    kind = f"{len(steps) - 1} step" + ("s" if len(steps) > 2 else "")
-    return _chat(rng, "math", kind, " ".join(story), "\n".join(steps))
+    name = rng.choice(names)
+    item, story, steps, total = sum_story(rng, name, ADD, SUBTRACT)
+    question = " ".join([story[0]] + [f"{sentence}." for sentence in story[1:]]
+                        + [f"How many {item} does {name} have now?"])
+    kind = f"{len(steps)} step" + ("s" if len(steps) > 1 else "")
+    return _chat(rng, "math", kind, question, "\n".join(steps + [f"#### {total}"]))
 
 
 # ----------------------------------------------------------------------------- the two sets

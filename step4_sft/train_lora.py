@@ -41,8 +41,8 @@ def main(argv=None):
                         help="layers to adapt: comma-separated names among wq,wk,wv,wo,w_gate,w_up,w_down, "
                              "or all-linear (default wq,wv)")
     parser.add_argument("--no_token_rows", action="store_true",
-                        help="do not train the embedding rows of <|im_start|> and <|im_end|> (pure LoRA: "
-                             "the model then struggles to write <|im_end|>, see README)")
+                        help="do not train the embedding rows of <|im_start|> and <|im_end|> (pure LoRA; "
+                             "the README measures what the two rows add)")
     add_sft_args(parser, PROFILES)
     args = parser.parse_args(argv)
     targets = parse_targets(args.target_modules)
