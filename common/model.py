@@ -143,23 +143,26 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, n_positions: int, theta: float = 10000.0):
-    """cos and sin of the rotation angles, each (n_positions, head_dim/2).
+    """cos and sin of the rotation angles, each (n_positions, head_dim), laid out for apply_rope.
 
-    Channel pair i at position p is rotated by p * theta^(-2i/head_dim): fast
-    rotations for the first pairs, slow ones for the last, like the hands of
-    a clock."""
+    Channel pair i (channels i and i + head_dim/2) at position p is rotated by
+    p * theta^(-2i/head_dim): fast rotations for the first pairs, slow ones for
+    the last, like the hands of a clock. Both halves of a row hold the same
+    angles; sin carries the minus sign of the first half's formula."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, heads, T, head_dim) by its positions' angles (cos, sin: (T, head_dim/2)).
+    """Rotate x (B, heads, T, head_dim) by its positions' angles (cos, sin: (T, head_dim)).
 
-    Pairs are (x[i], x[i + head_dim/2]). After rotating q at position m and k
-    at position n, q.k depends on m - n only: attention sees relative positions."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    Pair (x1, x2) = (x[i], x[i + head_dim/2]) becomes (x1 cos - x2 sin, x2 cos + x1 sin).
+    Written as x * cos + (x with its halves swapped) * sin: three operations instead of
+    eight, which on a CPU, where small models spend their time starting operations,
+    is measurably faster (step 3 README). After rotating q at position m and k at
+    position n, q.k depends on m - n only: attention sees relative positions."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin).type_as(x)
 
 
 class KVCache:

@@ -59,18 +59,35 @@ def _jsonl_documents(path: Path, text: str) -> list[str]:
 
 
 def split_heldout(docs: list[str], fraction: float = HELDOUT_FRACTION) -> tuple[list[str], list[str]]:
-    """Split by whole documents (every 1/fraction-th one is held out), so no document straddles both sides."""
+    """Split by whole documents (every 1/fraction-th one is held out), so no document straddles both sides.
+    A held-out document that is also a training document (generated text repeats its shortest
+    documents) is dropped: a validation loss on text the model trained on would flatter it."""
     if len(docs) < 2:
         return docs, docs[:0]
     every = max(2, round(1 / fraction))
-    heldout = docs[every - 1::every]
     train = [d for i, d in enumerate(docs) if i % every != every - 1]
+    seen = set(train)
+    heldout = [d for d in docs[every - 1::every] if d not in seen]
     return train, heldout
 
 
 def default_documents(quick: bool = False, seed: int = 0) -> tuple[list[str], list[str]]:
-    """The generated corpus as (train, held-out) documents: ~5 MB, or ~200 KB with quick.
-    World documents (the facts) and skill documents (copying, counting, sums) shuffled together."""
+    """The generated corpus as (train, held-out) documents: ~5 MB, or ~200 KB with quick."""
+    return split_heldout(generated_documents(quick, seed))
+
+
+def world_training_documents(quick: bool = False, seed: int = 0) -> list[str]:
+    """The world documents (the ones that state facts) of default_documents' training split."""
+    from step1_tokenizer.world import build_world, generate_documents
+
+    world = build_world(seed, "quick" if quick else "default")
+    target = QUICK_BYTES if quick else DEFAULT_BYTES
+    world_docs = set(generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed))
+    return [d for d in default_documents(quick, seed)[0] if d in world_docs]
+
+
+def generated_documents(quick: bool = False, seed: int = 0) -> list[str]:
+    """World documents (the facts) and skill documents (copying, counting, sums) shuffled together."""
     import random
 
     from step1_tokenizer.skills import skill_documents
@@ -81,4 +98,4 @@ def default_documents(quick: bool = False, seed: int = 0) -> tuple[list[str], li
     docs = (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed)
             + skill_documents(world, target_bytes=round(target * SKILL_SHARE), seed=seed))
     random.Random(seed).shuffle(docs)
-    return split_heldout(docs)
+    return docs

@@ -7,7 +7,8 @@ a model the FORMAT of an answer, not a new skill: pretrained without these docum
 recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps; step 4
 README). Real pretraining corpora are full of such text; ours gets it from these templates.
 
-None of these documents states a fact about the world: people and towns appear only as names, so
+None of these documents states a fact about the world: people and towns appear only as names
+(a host meets a traveler in the host's own town, so nothing contradicts the world either), and
 the world's facts stay exactly as world.py tells them. Names, numbers and words are drawn at random,
 so a document can only be predicted by looking back at what it said before.
 
@@ -26,9 +27,15 @@ NEW_NAME_SHARE = 0.3  # this share of strangers get a made-up name instead of a 
 CONSONANTS, VOWELS = "bdfghklmnprstvz", "aeiou"
 
 
-def _new_name(rng) -> str:
-    """A made-up name of two or three syllables ("Bazomi"): several tokens to copy, not one."""
-    return "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))).capitalize()
+def new_name(rng, avoid=()) -> str:
+    """A made-up name of two or three syllables ("Bazomi"): several tokens to copy, not one.
+    It never equals, contains or hides inside a name in `avoid` (the world's names), so a made-up
+    stranger is never mistaken for someone the world's text talks about."""
+    avoid = [a.lower() for a in avoid]
+    while True:
+        name = "".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))).capitalize()
+        if not any(name.lower() in a or a in name.lower() for a in avoid):
+            return name
 
 
 def sum_story(rng, person: str, add_verbs, take_verbs) -> tuple[str, list[str], list[str], int]:
@@ -54,16 +61,20 @@ def _and_list(words: list[str]) -> str:
 
 class _Writer:
     def __init__(self, world: World, rng: random.Random):
-        self.people, self.towns, self.rng = world.names("person"), world.names("place"), rng
+        self.world, self.people, self.rng = world, world.names("person"), rng
 
-    def stranger(self) -> str:
-        return _new_name(self.rng) if self.rng.random() < NEW_NAME_SHARE else self.rng.choice(self.people)
+    def stranger(self, host: str) -> str:
+        """Someone new to `host`: a world person other than the host, or a made-up name."""
+        if self.rng.random() < NEW_NAME_SHARE:
+            return new_name(self.rng, avoid=self.world.names())
+        return self.rng.choice([p for p in self.people if p != host])
 
     def introduction(self) -> str:
         """Someone says a name (and a number); other talk follows; the name (or number) is said back."""
         r = self.rng
-        name, host = self.stranger(), r.choice(self.people)
-        town, number = r.choice(self.towns), r.randint(1, MAX_NUMBER)
+        host = r.choice(self.people)
+        name, number = self.stranger(host), r.randint(1, MAX_NUMBER)
+        town = self.world.fact(host, "lives_in")  # the host's own town: true to the world, though never said so
         opening = r.choice([f'"Hello, my name is {name}," said the traveler.', f'"I am {name}," said the traveler.',
                             f'"Call me {name}," said the traveler.'])
         with_number = r.random() < 0.5
@@ -102,7 +113,7 @@ class _Writer:
     def comparison(self) -> str:
         """Two people, two counts, who has more and who has fewer."""
         r = self.rng
-        (a, b), (n, m), item = r.sample(self.people, 2), r.sample(range(1, MAX_NUMBER + 1), 2), r.choice(ITEMS)
+        (a, b), (n, m), item = r.sample(self.people, 2), r.sample(range(2, MAX_NUMBER + 1), 2), r.choice(ITEMS)
         more, fewer = (a, b) if n > m else (b, a)
         return (f"{a} has {n} {item} and {b} has {m} {item}. {max(n, m)} is more than {min(n, m)}, "
                 f"so {more} has more {item} and {fewer} has fewer {item}.")

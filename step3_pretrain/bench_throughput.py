@@ -8,6 +8,12 @@ nanoGPT's README trains Shakespeare on a CPU with
 backward, gradient clipping, AdamW -- on that exact shape and prints tokens per second.
 Ours differs inside (RMSNorm, RoPE, SwiGLU, no biases), not in size: the parameter counts
 is about the same (0.8M parameters).
+
+    python step3_pretrain/bench_throughput.py --ops
+
+times single operations at that shape instead, forward and backward: our RoPE against the
+textbook formula, our RMSNorm against the LayerNorm nanoGPT uses. At this size a CPU spends
+its time starting operations, so how many a layer runs matters more than their arithmetic.
 """
 import argparse
 import pathlib
@@ -22,7 +28,7 @@ import torch
 from common.cli import add_common_args, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.model import ModelConfig, Transformer
+from common.model import ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables
 from common.train import TrainConfig, make_optimizer
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
@@ -47,16 +53,57 @@ def time_steps(model, optimizer, batch, steps: int, device) -> float:
     return (time.perf_counter() - started) / steps
 
 
+def textbook_rope(x, cos, sin):
+    """The rotation as usually written: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Eight operations."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, :cos.size(-1) // 2], sin[:, sin.size(-1) // 2:]  # our tables hold each angle twice
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def time_op(fn, x, repeats: int) -> float:
+    """Microseconds for fn(x) forward and backward, after a warm-up."""
+    for i in range(repeats + 10):
+        if i == 10:
+            started = time.perf_counter()
+        fn(x).sum().backward()
+    return (time.perf_counter() - started) / repeats * 1e6
+
+
+def time_ops(repeats: int) -> dict:
+    """Forward + backward of the small operations of one layer, at the recipe's shape."""
+    config = ModelConfig(**NANOGPT_CPU)
+    T, d, heads = config.block_size, config.n_embd, config.n_head
+    cos, sin = rope_tables(config.head_dim, T)
+    q = torch.randn(BATCH_SIZE, heads, T, config.head_dim, requires_grad=True)
+    x = torch.randn(BATCH_SIZE, T, d, requires_grad=True)
+    norm, layer_norm = RMSNorm(d), torch.nn.LayerNorm(d, bias=False)
+    torch.testing.assert_close(apply_rope(q, cos, sin), textbook_rope(q, cos, sin))  # the same rotation
+    return {"rope_us": time_op(lambda t: apply_rope(t, cos, sin), q, repeats),
+            "textbook_rope_us": time_op(lambda t: textbook_rope(t, cos, sin), q, repeats),
+            "rms_norm_us": time_op(norm, x, repeats), "layer_norm_us": time_op(layer_norm, x, repeats)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="timed training steps")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model first (fuses the small element-wise operations; "
                              "about 20 s of compiling on a CPU)")
+    parser.add_argument("--ops", action="store_true",
+                        help="time single operations (RoPE, RMSNorm vs LayerNorm) instead of whole steps")
     add_common_args(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
+    if args.ops:
+        ops = {k: round(v, 1) for k, v in time_ops(20 if args.quick else 500).items()}
+        print(f"one layer's small operations, forward + backward, on the CPU ({torch.get_num_threads()} threads):")
+        print(f"  RoPE on the queries, ours (3 ops) {ops['rope_us']:.0f} us, textbook (8 ops) {ops['textbook_rope_us']:.0f} us")
+        print(f"  RMSNorm (ours) {ops['rms_norm_us']:.0f} us, LayerNorm (nanoGPT's, one fused kernel) "
+              f"{ops['layer_norm_us']:.0f} us")
+        if not args.quick:
+            write_metrics(3, ops, section="bench_ops")
+        return ops
     steps = 5 if args.quick else args.steps
     model = Transformer(ModelConfig(**NANOGPT_CPU)).to(device)
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3))

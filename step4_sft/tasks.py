@@ -19,7 +19,7 @@ import random
 import re
 import zlib
 
-from step1_tokenizer.skills import ITEMS, MAX_NUMBER, WORDS, sum_story
+from step1_tokenizer.skills import ITEMS, MAX_NUMBER, WORDS, new_name, sum_story
 from step1_tokenizer.world import ask, build_world
 
 TASKS = ("facts", "instructions", "multi_turn", "math")
@@ -30,6 +30,7 @@ TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 30
                "quick": {"facts": 150, "instructions": 150, "multi_turn": 150, "math": 150}}
 EVAL_SIZES = {"default": 100, "quick": 8}
 EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
+MADE_UP_NAME_SHARE = 0.5  # in TRAINING, this share of users and compared people get a made-up name (see pick_name)
 # The words, items and number ranges come from the pretraining corpus's skill documents
 # (step1_tokenizer/skills.py): the model met copying, counting and sums there, and SFT teaches the format.
 
@@ -37,6 +38,20 @@ EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in 
 def held_out_name(name: str) -> bool:
     """One name in five is only ever a user's name in the evaluation set (a fixed rule, not a random draw)."""
     return zlib.crc32(name.encode()) % 5 == 0
+
+
+def name_picker(names: list[str], made_up_share: float = 0.0, taken=()):
+    """A function rng -> a name: one of `names`, or with chance `made_up_share` a made-up one ("Bazomi")
+    that is none of `taken` (skills.new_name).
+
+    Why made-up names in training: fine-tuned on conversations where users are called by the same
+    thirty names, our model learnt to answer "Your name is" with one of THOSE names: asked by a user
+    whose name it had never been told in training, it said a familiar name instead. With names
+    that never repeat, the only way to get the answer right is to copy it from earlier in the chat.
+    """
+    def pick(rng) -> str:
+        return new_name(rng, avoid=taken) if rng.random() < made_up_share else rng.choice(names)
+    return pick
 
 
 def _with_system(rng, messages: list[dict]) -> list[dict]:
@@ -64,7 +79,7 @@ def _word_list(rng, low=2, high=5) -> list[str]:
     return rng.sample(WORDS, rng.randint(low, high))
 
 
-def rewrite_turn(rng, people) -> tuple[str, str]:
+def rewrite_turn(rng, pick_name) -> tuple[str, str]:
     words = _word_list(rng, 3, 5)
     old, new = rng.choice(words), rng.choice([w for w in WORDS if w not in words])
     replaced = [new if w == old else w for w in words]
@@ -74,19 +89,22 @@ def rewrite_turn(rng, people) -> tuple[str, str]:
     return f'Rewrite this sentence, replacing "{old}" with "{new}": {sentence(words)}', sentence(replaced)
 
 
-def list_turn(rng, people) -> tuple[str, str]:
+def list_turn(rng, pick_name) -> tuple[str, str]:
     words = _word_list(rng)
     return (f"Make a numbered list of these items: {', '.join(words)}.",
             "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1)))
 
 
-def count_turn(rng, people) -> tuple[str, str]:
+def count_turn(rng, pick_name) -> tuple[str, str]:
     words = _word_list(rng, 2, 7)
     return f"How many items are in this list: {', '.join(words)}?", f"There are {len(words)} items."
 
 
-def compare_turn(rng, people) -> tuple[str, str]:
-    (a, b), (n, m), item = rng.sample(people, 2), rng.sample(range(1, MAX_NUMBER + 1), 2), rng.choice(ITEMS)
+def compare_turn(rng, pick_name) -> tuple[str, str]:
+    a = pick_name(rng)
+    while (b := pick_name(rng)) == a:
+        pass
+    (n, m), item = rng.sample(range(2, MAX_NUMBER + 1), 2), rng.choice(ITEMS)  # no "1 apples"
     question = f"{a} has {n} {item} and {b} has {m} {item}. Who has {'more' if rng.random() < 0.5 else 'fewer'}?"
     more = question.endswith("more?")
     return question, f"{a if (n > m) == more else b} has {'more' if more else 'fewer'} {item}."
@@ -95,16 +113,16 @@ def compare_turn(rng, people) -> tuple[str, str]:
 INSTRUCTIONS = {"rewrite": rewrite_turn, "list": list_turn, "count": count_turn, "compare": compare_turn}
 
 
-def instruction_conversation(rng, people) -> dict:
+def instruction_conversation(rng, pick_name) -> dict:
     kind = rng.choice(list(INSTRUCTIONS))
-    return _chat(rng, "instructions", kind, *INSTRUCTIONS[kind](rng, people))
+    return _chat(rng, "instructions", kind, *INSTRUCTIONS[kind](rng, pick_name))
 
 
 # ----------------------------------------------------------------------------- (c) multi-turn recall
 
-def multi_turn_conversation(rng, names, filler_facts, people) -> dict:
+def multi_turn_conversation(rng, pick_user, filler_facts, pick_name) -> dict:
     """Say a name (and maybe a number), talk about something else, then ask for one of them back."""
-    name, number = rng.choice(names), rng.randint(1, MAX_NUMBER)
+    name, number = pick_user(rng), rng.randint(1, MAX_NUMBER)
     if rng.random() < 0.5:
         opening = (rng.choice([f"Hi, my name is {name}.", f"Hello! I am {name}.", f"Call me {name}, please."]),
                    f"Nice to meet you, {name}!")
@@ -115,7 +133,7 @@ def multi_turn_conversation(rng, names, filler_facts, people) -> dict:
     if rng.random() < 0.5:
         turns += ask(rng.choice(filler_facts), rng)
     else:
-        turns += rng.choice(list(INSTRUCTIONS.values()))(rng, people)
+        turns += rng.choice(list(INSTRUCTIONS.values()))(rng, pick_name)
     if "favorite number" in opening[0] and rng.random() < 0.5:
         kind = "number"
         turns += [rng.choice(["What is my favorite number?", "Do you remember my favorite number?"]),
@@ -156,7 +174,8 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     world_seed: the world step 3 pretrained on (step1_tokenizer.corpus.default_documents uses seed 0)."""
     profile = "quick" if quick else "default"
     rng = random.Random(seed)
-    facts = list(build_world(world_seed).facts)
+    world = build_world(world_seed)
+    facts = list(world.facts)
     # Split by fact. Best friends come in pairs (A's friend is B, B's friend is A): one pair is
     # one piece of knowledge, so both of its facts go to the same side.
     groups = {}
@@ -169,11 +188,17 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     eval_facts = [f for g in groups[:n_eval_groups] for f in g]
     train_facts = [f for g in groups[n_eval_groups:] for f in g]
     people = sorted({f.entity for f in facts if f.relation == "profession"})  # one token each
-    user_names = {held_out: [p for p in people if held_out_name(p) == held_out] for held_out in (False, True)}
+    world_names = world.names()
+    # Training mixes made-up names in (name_picker says why); evaluation uses only the world's people,
+    # and its users only the held-out names.
+    names = {False: name_picker(people, MADE_UP_NAME_SHARE, world_names), True: name_picker(people)}
+    users = {held_out: name_picker([p for p in people if held_out_name(p) == held_out],
+                                   0.0 if held_out else MADE_UP_NAME_SHARE, world_names) for held_out in (False, True)}
 
     makers = {"facts": lambda r, held_out: fact_conversation(r.choice(train_facts), r),
-              "instructions": lambda r, held_out: instruction_conversation(r, people),
-              "multi_turn": lambda r, held_out: multi_turn_conversation(r, user_names[held_out], train_facts, people),
+              "instructions": lambda r, held_out: instruction_conversation(r, names[held_out]),
+              "multi_turn": lambda r, held_out: multi_turn_conversation(r, users[held_out], train_facts,
+                                                                        names[held_out]),
               "math": lambda r, held_out: math_conversation(r, people)}
     train = [makers[task](rng, False) for task, n in TRAIN_SIZES[profile].items() for _ in range(n)]
     rng.shuffle(train)

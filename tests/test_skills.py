@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from step1_tokenizer.corpus import DEFAULT_BYTES, SKILL_SHARE, default_documents
+from step1_tokenizer.corpus import DEFAULT_BYTES, SKILL_SHARE, generated_documents, split_heldout
 from step1_tokenizer.skills import WORDS, skill_documents
 from step1_tokenizer.world import build_world, generate_documents, phrasings
 
@@ -39,12 +39,16 @@ def test_every_sum_is_right_and_every_total_is_carried_on(docs):
         assert story.endswith(f"has {steps[-1][3]} " + story.split()[-1])
 
 
-def test_what_is_said_earlier_is_what_comes_back(docs):
+def test_what_is_said_earlier_is_what_comes_back(world, docs):
     """The skills are copying skills: the later text repeats exactly what the earlier text said."""
+    names = [n.lower() for n in world.names()]
     for d in docs:
         if d.startswith("A traveler came to"):
+            town, host = re.match(r"A traveler came to (\w+) and met (\w+)\.", d).groups()
             opening = re.search(r'"(?:Hello, my name is|I am|Call me) (\w+)," said the traveler\.', d)
             name, tail = opening.group(1), d[opening.end():]
+            assert town == world.fact(host, "lives_in") and name != host, d  # true to the world
+            assert name in world.names() or not any(name.lower() in n or n in name.lower() for n in names), d
             number = re.match(r' "My favorite number is (\d)\."', tail)
             if "What was your favorite number?" in tail:  # the number comes back, said by its owner
                 assert number and tail.endswith(f'"My favorite number is {number.group(1)}," said {name}.'), d
@@ -68,11 +72,18 @@ def test_skill_text_states_no_fact_of_the_world(world, docs):
 
 
 def test_the_default_corpus_is_world_text_and_skill_text(world):
-    train, heldout = default_documents()
-    docs = train + heldout
+    docs = generated_documents()
     world_docs = generate_documents(world, target_bytes=round(DEFAULT_BYTES * (1 - SKILL_SHARE)), seed=0)
     world_set = set(world_docs)
     skill = [d for d in docs if d not in world_set]
     share = sum(len(d) + 2 for d in skill) / sum(len(d) + 2 for d in docs)
     assert abs(share - SKILL_SHARE) < 0.01
     assert len(docs) == len(world_docs) + len(skill)
+
+
+def test_held_out_documents_are_never_training_documents():
+    docs = [f"doc {i}" for i in range(20)]
+    docs[0] = docs[9] = "a short story the generator wrote twice"
+    train, heldout = split_heldout(docs, fraction=0.1)  # every 10th document is held out: 9 and 19
+    assert heldout == ["doc 19"]  # document 9 is also document 0, a training document
+    assert train == [d for i, d in enumerate(docs) if i not in (9, 19)]

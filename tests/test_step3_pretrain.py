@@ -166,3 +166,16 @@ def test_notebook_runs():
     notebook = run_notebook("step3_pretrain/step3_pretrain.ipynb")
     assert "validation loss now" in outputs_text(notebook)
     assert has_image(notebook)
+
+
+def test_rope_of_three_operations_is_the_textbook_rotation_and_ops_bench_runs():
+    from step3_pretrain import bench_throughput
+    from common.model import apply_rope, rope_tables
+    cos, sin = rope_tables(8, 5)
+    x = torch.arange(2 * 5 * 8, dtype=torch.float32).reshape(1, 2, 5, 8) / 10
+    x1, x2 = x.chunk(2, dim=-1)  # pairs (i, i + 4), angle position * 10000^(-2i/8)
+    angle = torch.arange(5.0)[:, None] * 10000.0 ** (-torch.arange(0, 8, 2) / 8)
+    expected = torch.cat([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected)
+    ops = bench_throughput.main(["--ops", "--quick"])
+    assert set(ops) == {"rope_us", "textbook_rope_us", "rms_norm_us", "layer_norm_us"} and min(ops.values()) > 0

@@ -6,6 +6,7 @@ and a small BPE tokenizer + 2-layer model saved to a temporary folder for the sc
 """
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -19,10 +20,11 @@ from step4_sft import data as sft_data
 from step4_sft import eval_sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt
 from step4_sft.chat_template import encode_conversation, encode_prompt, shift_labels
-from step4_sft.data import Example, collate, load_examples, mask_table
+from step3_pretrain.data import load_tokens, prepare
+from step4_sft.data import Example, collate, load_examples, mask_table, sft_batch
 from step4_sft.lora import (LoRALinear, TokenRows, adapter_dict, apply_lora, count_trainable, load_adapter,
                             lora_layers, merge_lora, save_adapter, token_rows)
-from step4_sft.tasks import final_number, make_datasets, score
+from step4_sft.tasks import final_number, held_out_name, make_datasets, score
 
 CONVERSATION = [  # a system prompt and two user/assistant turns
     {"role": "system", "content": "Be kind."},
@@ -51,9 +53,11 @@ def tiny_config(vocab_size, **overrides):
 
 @pytest.fixture(scope="module")
 def files(tok, tmp_path_factory):
-    """Tokenizer, a (random) base model and the --quick conversation sets on disk, as the scripts want them."""
+    """Tokenizer, a (random) base model, pretraining tokens to replay and the --quick conversation sets
+    on disk, as the scripts want them."""
     root = tmp_path_factory.mktemp("step4")
     tok.save(root / "tokenizer.json")
+    prepare(root, tokenizer_path=root / "tokenizer.json", quick=True)  # train.bin, val.bin, meta.json
     torch.manual_seed(0)
     save_checkpoint(checkpoint_dict(Transformer(tiny_config(tok.vocab_size))), root / "base.pt")
     sft_data.main(["--create_sample", "--quick", "--out", str(root)])
@@ -62,7 +66,8 @@ def files(tok, tmp_path_factory):
 
 def script_args(files, out):
     return ["--quick", "--tokenizer", str(files / "tokenizer.json"), "--checkpoint", str(files / "base.pt"),
-            "--data", str(files / "sft_train.jsonl"), "--eval_data", str(files / "sft_eval.jsonl"), "--out", str(out)]
+            "--data", str(files / "sft_train.jsonl"), "--eval_data", str(files / "sft_eval.jsonl"), "--out", str(out),
+            "--replay_data", str(files)]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +165,14 @@ def test_sample_sets_hold_out_their_evaluation_items():
     math = next(r for r in evaluation if r["task"] == "math")["conversations"][-1]["content"]
     assert score("math", "whatever\n#### " + final_number(math), math)
     assert asked(evaluation)  # facts questions are there
+    # Users' names: evaluation only the held-out world names; training the others and made-up ones
+    world_names = build_world(0).names()
+    users = lambda records: {re.search(r"Your name is (\w+)\.", r["conversations"][-1]["content"]).group(1)  # noqa: E731
+                             for r in records if r["kind"] == "name"}
+    assert users(evaluation) and all(n in world_names and held_out_name(n) for n in users(evaluation))
+    made_up = users(train) - set(world_names)
+    assert made_up and not any(held_out_name(n) for n in users(train) & set(world_names))
+    assert not any(m.lower() in w.lower() or w.lower() in m.lower() for m in made_up for w in world_names)
 
 
 @pytest.mark.verifies(4, "Bad conversation lines are skipped and counted with their line numbers, or stop the run "
@@ -210,6 +223,22 @@ def test_quick_sft_run_lowers_assistant_loss_below_bound(tok, files, tmp_path):
     assert before > 6.0  # about ln(vocab size 760) = 6.6: the random base model knows nothing
     assert after < 4.5, f"assistant-token loss {before:.2f} -> {after:.2f}"  # measured: 3.97
     assert result["trainable_params"] == result["total_params"] == count_trainable(base)[1]
+
+
+def test_replayed_pretraining_rows_are_marked_and_weighed_apart(tok, files):
+    examples = load_examples(files / "sft_train.jsonl", tok, 129, verbose=False)
+    tokens = load_tokens(files, "train", files / "tokenizer.json")[0]
+    batch = sft_batch(examples, 6, tok.eot_id, seed=0, step=3, micro=0, replay_tokens=tokens, replay_rows=2)
+    plain = sft_batch(examples, 6, tok.eot_id, seed=0, step=3, micro=0)
+    assert batch["replay"].tolist() == [False] * 6 + [True] * 2 and plain["replay"].tolist() == [False] * 6
+    assert torch.equal(batch["idx"][:6], plain["idx"]) and batch["idx"].shape == (8, plain["idx"].size(1))
+    assert (batch["targets"][6:] != -100).all()  # replayed text: every token is trained, on the next token
+    assert torch.equal(batch["targets"][6:, :-1], batch["idx"][6:, 1:])
+    model = load_model(files / "base.pt")
+    with torch.no_grad():
+        answers, replay = (model(batch["idx"][rows], batch["targets"][rows])[1] for rows in (slice(0, 6), slice(6, 8)))
+        torch.testing.assert_close(train_sft.sft_loss(model, batch, replay_weight=0.0), answers)
+        torch.testing.assert_close(train_sft.sft_loss(model, batch, replay_weight=0.5), answers + 0.5 * replay)
 
 
 # ----------------------------------------------------------------------------- LoRA
