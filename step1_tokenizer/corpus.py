@@ -78,11 +78,7 @@ def default_documents(quick: bool = False, seed: int = 0) -> tuple[list[str], li
 
 def world_training_documents(quick: bool = False, seed: int = 0) -> list[str]:
     """The world documents (the ones that state facts) of default_documents' training split."""
-    from step1_tokenizer.world import build_world, generate_documents
-
-    world = build_world(seed, "quick" if quick else "default")
-    target = QUICK_BYTES if quick else DEFAULT_BYTES
-    world_docs = set(generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed))
+    world_docs = set(_world_and_skill_documents(quick, seed)[0])
     return [d for d in default_documents(quick, seed)[0] if d in world_docs]
 
 
@@ -90,12 +86,17 @@ def generated_documents(quick: bool = False, seed: int = 0) -> list[str]:
     """World documents (the facts) and skill documents (copying, counting, sums) shuffled together."""
     import random
 
+    world_docs, skill_docs = _world_and_skill_documents(quick, seed)
+    docs = world_docs + skill_docs
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def _world_and_skill_documents(quick: bool, seed: int) -> tuple[list[str], list[str]]:
     from step1_tokenizer.skills import skill_documents
     from step1_tokenizer.world import build_world, generate_documents
 
     world = build_world(seed, "quick" if quick else "default")
     target = QUICK_BYTES if quick else DEFAULT_BYTES
-    docs = (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed)
-            + skill_documents(world, target_bytes=round(target * SKILL_SHARE), seed=seed))
-    random.Random(seed).shuffle(docs)
-    return docs
+    return (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed),
+            skill_documents(world, target_bytes=round(target * SKILL_SHARE), seed=seed))

@@ -32,8 +32,8 @@ from common.checkpoint import atomic_write_text
 from common.cli import UserError, add_common_args, run_main
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
-from step4_sft.chat_template import conversation_problem, encode_conversation, shift_labels
 from step3_pretrain.train_pretrain import random_windows
+from step4_sft.chat_template import conversation_problem, encode_conversation, shift_labels
 from step4_sft.tasks import make_datasets
 
 MAKE_SAMPLE = "python step4_sft/data.py --create_sample"
@@ -162,8 +162,8 @@ def sft_batch(examples: list[Example], batch_size: int, pad_id: int, seed: int, 
     """Micro-batch `micro` of step `step`: random examples, a pure function of the arguments
     (like step 3's random_windows), so a resumed run sees exactly the same batches.
 
-    replay_rows > 0 appends that many windows of pretraining text (replay_tokens, step 3's
-    train.bin), as long as the padded conversations and trained on every token. "replay"
+    replay_rows > 0 appends that many windows of pretraining text (replay_tokens, a 1-D array of
+    token ids), as long as the padded conversations and trained on every token. "replay"
     marks those rows, so the loss can weigh them apart (train_sft.sft_loss)."""
     rng = np.random.default_rng([seed, step, micro])
     batch = collate([examples[i] for i in rng.integers(0, len(examples), size=batch_size)], pad_id)

@@ -30,7 +30,7 @@ TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 30
                "quick": {"facts": 150, "instructions": 150, "multi_turn": 150, "math": 150}}
 EVAL_SIZES = {"default": 100, "quick": 8}
 EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
-MADE_UP_NAME_SHARE = 0.5  # in TRAINING, this share of users and compared people get a made-up name (see pick_name)
+MADE_UP_NAME_SHARE = 0.5  # in TRAINING, this share of users and compared people get a made-up name (see name_picker)
 # The words, items and number ranges come from the pretraining corpus's skill documents
 # (step1_tokenizer/skills.py): the model met copying, counting and sums there, and SFT teaches the format.
 

@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from step1_tokenizer.corpus import DEFAULT_BYTES, SKILL_SHARE, generated_documents, split_heldout
+from step1_tokenizer.corpus import (DEFAULT_BYTES, QUICK_BYTES, SKILL_SHARE, default_documents,
+                                    generated_documents, split_heldout, world_training_documents)
 from step1_tokenizer.skills import WORDS, skill_documents
 from step1_tokenizer.world import build_world, generate_documents, phrasings
 
@@ -87,3 +88,12 @@ def test_held_out_documents_are_never_training_documents():
     train, heldout = split_heldout(docs, fraction=0.1)  # every 10th document is held out: 9 and 19
     assert heldout == ["doc 19"]  # document 9 is also document 0, a training document
     assert train == [d for i, d in enumerate(docs) if i not in (9, 19)]
+
+
+def test_replayed_text_is_the_world_part_of_the_training_split():
+    """Step 4 replays these: every world document of the training split, in order, and no skill text."""
+    train, heldout = default_documents(quick=True)
+    skill = set(skill_documents(build_world(0, "quick"), target_bytes=round(QUICK_BYTES * SKILL_SHARE), seed=0))
+    replayed = world_training_documents(quick=True)
+    assert replayed == [d for d in train if d not in skill]
+    assert len(replayed) > 50 and not set(replayed) & skill and not set(replayed) & set(heldout)
