@@ -27,6 +27,7 @@ STEPS = [
     (3, "Pretraining", [["step3_pretrain/data.py"],
                         ["step3_pretrain/train_pretrain.py"],
                         ["step3_pretrain/eval_ppl.py"],
+                        ["step3_pretrain/probe_skills.py"],
                         ["step2_model/attention_map.py"]]),
     (4, "Fine-tuning", [["step4_sft/data.py", "--create_sample"],
                         ["step4_sft/train_sft.py"],

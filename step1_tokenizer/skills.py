@@ -1,11 +1,13 @@
 """Everyday documents that exercise skills rather than facts: remembering what someone said earlier
-in the text, reading a list back, swapping one word of a list, counting, comparing, small sums.
+in the text, reading a list back, swapping one word of a list, counting, comparing, small sums,
+and pages of practice sums.
 
 Why they are in the pretraining corpus: step 4's chat tasks ask the model to hand back a name the
 user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches
 a model the FORMAT of an answer, not a new skill: pretrained without these documents, our model
 recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps; step 4
-README). Real pretraining corpora are full of such text; ours gets it from these templates.
+README). Real pretraining corpora are full of such text (school worksheets included); ours gets it
+from these templates.
 
 None of these documents states a fact about the world: people and towns appear only as names
 (a host meets a traveler in the host's own town, so nothing contradicts the world either), and
@@ -45,14 +47,17 @@ def sum_story(rng, person: str, add_verbs, take_verbs) -> tuple[str, list[str], 
     item, total = rng.choice(ITEMS), rng.randint(2, MAX_NUMBER)
     story, working = [f"{person} has {total} {item}."], []
     for _ in range(rng.randint(1, 3)):
-        add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
-        n = rng.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
-        verb = rng.choice(add_verbs if add else take_verbs).format(n=n)
-        new_total = total + n if add else total - n
-        story.append(f"Then {person} {verb}")
-        working.append(f"{total} {'+' if add else '-'} {n} = {new_total}")
-        total = new_total
+        add, n = next_sum(rng, total)
+        story.append(f"Then {person} {rng.choice(add_verbs if add else take_verbs).format(n=n)}")
+        working.append(f"{total} {'+' if add else '-'} {n} = {total + n if add else total - n}")
+        total = total + n if add else total - n
     return item, story, working, total
+
+
+def next_sum(rng, total: int) -> tuple[bool, int]:
+    """(add?, n): one more step from `total` that keeps the running total between 1 and MAX_TOTAL."""
+    add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
+    return add, rng.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
 
 
 def _and_list(words: list[str]) -> str:
@@ -129,10 +134,24 @@ class _Writer:
             steps = " ".join(f"{s}: {w}." for s, w in zip(story[1:], working))
             return f"{story[0]} {steps} Now {person} has {total} {item}."
         steps = " ".join(s + "." for s in story[1:])
-        return f"{story[0]} {steps} To count the {item}: {', '.join(working)}. Now {person} has {total} {item}."
+        lines = "\n".join(working)  # one sum per line, as a worked answer (and step 4's) is written
+        return f"{story[0]} {steps} To count the {item}:\n{lines}\nNow {person} has {total} {item}."
+
+    def worksheet(self) -> str:
+        """A page of practice sums, one per line, each starting from the last answer.
+        Why: the stories above hold each sum (7 + 5 = 12) only about a dozen times per pass over the
+        corpus, too rarely for our model to learn it: the pretrained model got 15 % of the sums up to
+        20 right, and step 4's fine-tuning had to teach adding (step 3 README, probe_skills.py)."""
+        r = self.rng
+        total, lines = r.randint(1, MAX_TOTAL), []
+        for _ in range(r.randint(8, 14)):
+            add, n = next_sum(r, total)
+            lines.append(f"{total} {'+' if add else '-'} {n} = {total + n if add else total - n}")
+            total = total + n if add else total - n
+        return f"{r.choice(self.people)} practised sums:\n" + "\n".join(lines)
 
 
-KINDS = ("introduction", "shopping_list", "change_of_mind", "comparison", "sums")
+KINDS = ("introduction", "shopping_list", "change_of_mind", "comparison", "sums", "worksheet")
 
 
 def skill_documents(world: World, target_bytes: int, seed: int = 0) -> list[str]:

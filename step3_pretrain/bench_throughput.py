@@ -14,6 +14,11 @@ is about the same (0.8M parameters).
 times single operations at that shape instead, forward and backward: our RoPE against the
 textbook formula, our RMSNorm against the LayerNorm nanoGPT uses. At this size a CPU spends
 its time starting operations, so how many a layer runs matters more than their arithmetic.
+
+    python step3_pretrain/bench_throughput.py --profile
+
+runs training steps under torch.profiler and lists the operations one step calls, busiest
+first: how many times, and the milliseconds spent inside them.
 """
 import argparse
 import pathlib
@@ -60,6 +65,20 @@ def textbook_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def profile_steps(model, optimizer, batch, steps: int) -> list[tuple[str, float, float]]:
+    """(operation, calls per step, ms per step spent inside it) for our training step, busiest first.
+    Nested calls count too: aten::linear calls aten::mm, and both are listed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_steps(model, optimizer, batch, 1, torch.device("cpu"))  # warm-up, outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_steps(model, optimizer, batch, steps, torch.device("cpu"))
+    n = steps + 2  # time_steps runs two warm-up steps before its timed ones
+    rows = [(e.key, e.count / n, e.self_cpu_time_total / 1000 / n) for e in prof.key_averages()
+            if e.key.startswith("aten::")]
+    return sorted(rows, key=lambda row: -row[2])
+
+
 def time_op(fn, x, repeats: int) -> float:
     """Microseconds for fn(x) forward and backward, after a warm-up."""
     for i in range(repeats + 10):
@@ -91,6 +110,8 @@ def main(argv=None):
                              "about 20 s of compiling on a CPU)")
     parser.add_argument("--ops", action="store_true",
                         help="time single operations (RoPE, RMSNorm vs LayerNorm) instead of whole steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="list the operations a training step calls, with their counts and times")
     add_common_args(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -109,6 +130,13 @@ def main(argv=None):
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3))
     shape = (BATCH_SIZE, NANOGPT_CPU["block_size"])
     batch = (torch.randint(0, 65, shape, device=device), torch.randint(0, 65, shape, device=device))
+    if args.profile:
+        rows = profile_steps(model, optimizer, batch, steps)
+        print(f"one training step calls {sum(r[1] for r in rows):.0f} operations (nested ones included); "
+              f"the busiest, by time spent inside them:")
+        for name, calls, ms in rows[:12]:
+            print(f"  {name:<55} {calls:6.0f} calls {ms:8.2f} ms")
+        return rows
     runner = torch.compile(model) if args.compile else model
     seconds = time_steps(runner, optimizer, batch, steps, device)
     tokens_per_sec = BATCH_SIZE * NANOGPT_CPU["block_size"] / seconds

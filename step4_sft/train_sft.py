@@ -12,7 +12,7 @@ so it learns to WRITE answers, not to predict what users type.
 Each batch also carries a few rows of step 3's world text ("replay"), trained on every token
 at a fifth of the answers' weight. Fine-tuned on answers alone, the model forgot what it had
 read: asked about facts it was never quizzed on in SFT, it got 23 % right; with replay, 82 %
-(README).
+(README; measured on the base model before step 3's practice sums).
 
 The pieces that train_lora.py shares (arguments, data, the training call) are here.
 """
@@ -113,7 +113,7 @@ def setup(args, profiles: dict) -> dict:
         replay_tokens = load_tokens(args.replay_data, "train", args.tokenizer)[0]
     elif replay_rows:
         # The world text only, not the skill text: its random names and numbers, which no model can
-        # predict, push against the copying SFT teaches (measured: instructions 19 % -> 52 %, README).
+        # predict, push against the copying SFT teaches (measured: instructions 19 % -> 50 %, README).
         replay_tokens = encode_documents(tokenizer, world_training_documents(quick=args.quick), "replay text")
     if replay_rows and len(replay_tokens) <= max_tokens:
         raise UserError(f"the replay text has only {len(replay_tokens)} tokens, fewer than the context "

@@ -27,17 +27,23 @@ def test_same_seed_same_text_and_the_size_asked_for(world, docs):
 
 
 def test_every_sum_is_right_and_every_total_is_carried_on(docs):
-    stories = [d for d in docs if " = " in d]
-    assert len(stories) > 100
+    with_sums = [d for d in docs if " = " in d]
+    stories, worksheets = [d for d in with_sums if " has " in d], [d for d in with_sums if "practised sums:" in d]
+    assert len(stories) > 100 and len(worksheets) > 100 and len(stories) + len(worksheets) == len(with_sums)
+    for doc in with_sums:
+        steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", doc)
+        for a, op, b, c in steps:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)), doc
+            assert 0 < int(c) <= 20 and 0 < int(b) <= 9
+        for (_, _, _, c), (a, _, _, _) in zip(steps, steps[1:]):
+            assert c == a, doc  # the next step starts from the last result
     for story in stories:
         steps = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", story)
-        for a, op, b, c in steps:
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)), story
-            assert 0 < int(c) <= 20
-        for (_, _, _, c), (a, _, _, _) in zip(steps, steps[1:]):
-            assert c == a, story  # the next step starts from the last result
         assert re.match(r"\w+ has " + steps[0][0] + " ", story), story  # the story starts from the first number
         assert story.endswith(f"has {steps[-1][3]} " + story.split()[-1])
+    for sheet in worksheets:  # a header line, then nothing but sums, one per line
+        assert all(re.fullmatch(r"\d+ [+-] \d = \d+", line) for line in sheet.splitlines()[1:]), sheet
+        assert 8 <= len(sheet.splitlines()) - 1 <= 14
 
 
 def test_what_is_said_earlier_is_what_comes_back(world, docs):

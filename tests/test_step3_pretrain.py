@@ -179,3 +179,36 @@ def test_rope_of_three_operations_is_the_textbook_rotation_and_ops_bench_runs():
     torch.testing.assert_close(apply_rope(x, cos, sin), expected)
     ops = bench_throughput.main(["--ops", "--quick"])
     assert set(ops) == {"rope_us", "textbook_rope_us", "rms_norm_us", "layer_norm_us"} and min(ops.values()) > 0
+
+
+def test_profile_counts_three_matrix_products_per_linear_layer_per_step():
+    """Forward x W^T, and backward one product for the input's gradient and one for W's: 7 linear
+    layers per block (q, k, v, o, gate, up, down) and the tied output head."""
+    from step3_pretrain import bench_throughput
+    rows = {name: calls for name, calls, _ in bench_throughput.main(["--profile", "--quick"])}
+    n_layer = bench_throughput.NANOGPT_CPU["n_layer"]
+    assert rows["aten::mm"] == 3 * (7 * n_layer + 1) == 87
+
+
+def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quick_run, monkeypatch):
+    from step1_tokenizer.world import build_world
+    from step3_pretrain import probe_skills
+
+    world = build_world(0)
+    facts, sums = probe_skills.fact_prompts(world), probe_skills.sum_prompts()
+    assert len(sums) == 270 and ("Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =", " 12") in sums
+    assert ("Belwen has 12 apples. Then Belwen gives 9 away: 12 - 9 =", " 3") in sums
+    assert ("Wendel lives in", " Caldford") in facts and len(facts) == 276
+    # A stand-in model: right on every other prompt, and one character short on the rest
+    # (" 1" for " 12", " Caldfor" for " Caldford"), which must count as wrong. A sum's
+    # continuation goes on past the number (" 12."); a fact's is cut to the value's length.
+    answers, order = dict(facts + sums), {p: i for i, (p, _) in enumerate(facts + sums)}
+    monkeypatch.setattr(probe_skills, "greedy_continuation", lambda model, tokenizer, prompt, n: (
+        answers[prompt] if order[prompt] % 2 == 0 else answers[prompt][:-1]) + ("." if prompt.endswith("=") else ""))
+    result = probe_skills.probe(torch.nn.Linear(1, 1), Tokenizer.load(quick_run.tokenizer), world)
+    assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270
+    assert result["wrong"]["sums"][0] == (sums[1][0], sums[1][1], sums[1][1][:-1])
+    # and the real script runs on the quick model (its figures are not step 3's: no metrics written)
+    monkeypatch.undo()
+    real = probe_skills.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer)])
+    assert 0 <= real["facts"] <= 1 and real["n_sums"] == 270

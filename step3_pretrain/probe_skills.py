@@ -1,0 +1,104 @@
+"""What did pretraining teach? Ask the model to finish sentences it can only finish right if it
+learned a fact of the world or learned to add.
+
+    python step3_pretrain/probe_skills.py                 # out/step3/model.pt -> out/step3/metrics.json
+    python step3_pretrain/probe_skills.py --checkpoint other.pt --show 10
+
+- facts: each world fact's plain sentence, cut before its value: "Wendel lives in" -> " Caldford".
+- sums: every sum step 4's math problems use (result 1..20, second number 1..9), inside a story
+  as the skill text writes one: "Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =" -> " 12".
+
+The model answers greedily (its single likeliest continuation). Why measure this: fine-tuning
+(step 4) turns what the base model knows into answers; it can teach a little, but a base model that
+cannot add leaves SFT to teach adding, and LoRA on two small matrices per layer cannot.
+"""
+import argparse
+import pathlib
+import re
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import torch
+
+from common.cli import add_common_args, run_main
+from common.device import pick_device
+from common.metrics import write_metrics
+from common.model import load_model
+from common.paths import step_dir
+from step1_tokenizer.bpe import load_tokenizer
+from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL
+from step1_tokenizer.world import build_world, phrasings
+
+PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
+
+
+def fact_prompts(world) -> list[tuple[str, str]]:
+    """(prompt, expected continuation) for every fact whose plain sentence ends in its value."""
+    pairs = []
+    for fact in world.facts:
+        sentence = phrasings(world, fact)[0]
+        if sentence.endswith(" " + fact.value):
+            pairs.append((sentence[: -len(fact.value) - 1], " " + fact.value))
+    return pairs
+
+
+def sum_prompts() -> list[tuple[str, str]]:
+    """(prompt, expected number) for every a + b and a - b with b <= 9 and the result in 1..20."""
+    pairs = []
+    for a in range(1, MAX_TOTAL + 1):
+        for b in range(1, MAX_NUMBER + 1):
+            for op, result, verb in (("+", a + b, f"buys {b} more"), ("-", a - b, f"gives {b} away")):
+                if 1 <= result <= MAX_TOTAL:
+                    pairs.append((f"{PERSON} has {a} {ITEM}. Then {PERSON} {verb}: {a} {op} {b} =", f" {result}"))
+    return pairs
+
+
+@torch.no_grad()
+def greedy_continuation(model, tokenizer, prompt: str, n_tokens: int) -> str:
+    device = next(model.parameters()).device
+    ids = [tokenizer.eot_id] + tokenizer.encode(prompt)  # <|endoftext|> first: a document starts here
+    out = model.generate(torch.tensor([ids], device=device), n_tokens, temperature=0)
+    return tokenizer.decode(out[0, len(ids):].tolist())
+
+
+def probe(model, tokenizer, world) -> dict:
+    """Share of facts and of sums the model completes right, and the prompts it got wrong."""
+    was_training = model.training
+    model.eval()
+    wrong = {"facts": [], "sums": []}
+    for prompt, value in fact_prompts(world):
+        got = greedy_continuation(model, tokenizer, prompt, len(tokenizer.encode(value)))
+        if got != value:
+            wrong["facts"].append((prompt, value, got))
+    for prompt, number in sum_prompts():
+        got = re.match(r" ?\d*", greedy_continuation(model, tokenizer, prompt, 3)).group(0)
+        if got != number:  # " 1" for " 12" is wrong too: the number must end where the answer does
+            wrong["sums"].append((prompt, number, got))
+    model.train(was_training)
+    n = {"facts": len(fact_prompts(world)), "sums": len(sum_prompts())}
+    return {"facts": 1 - len(wrong["facts"]) / n["facts"], "sums": 1 - len(wrong["sums"]) / n["sums"],
+            "n_facts": n["facts"], "n_sums": n["sums"], "wrong": wrong}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="model file (default out/step3/model.pt)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--show", type=int, default=5, help="print this many wrong completions of each kind")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
+    result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
+    for kind in ("facts", "sums"):
+        print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")
+        for prompt, expected, got in result["wrong"][kind][: args.show]:
+            print(f"   {prompt!r} -> {got!r} (expected {expected!r})")
+    if args.checkpoint is None:  # the default model's figures are step 3's; another model's are not
+        write_metrics(3, {"facts": round(result["facts"], 4), "sums": round(result["sums"], 4)}, section="probe")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
