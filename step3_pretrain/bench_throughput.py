@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
-from common.cli import add_common_args, run_main
+from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
 from common.model import ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables
@@ -131,6 +131,8 @@ def main(argv=None):
     shape = (BATCH_SIZE, NANOGPT_CPU["block_size"])
     batch = (torch.randint(0, 65, shape, device=device), torch.randint(0, 65, shape, device=device))
     if args.profile:
+        if device.type != "cpu" or args.compile:  # the profile records CPU operations, uncompiled
+            raise UserError("--profile lists the CPU's operations: run it with --device cpu and without --compile")
         rows = profile_steps(model, optimizer, batch, steps)
         print(f"one training step calls {sum(r[1] for r in rows):.0f} operations (nested ones included); "
               f"the busiest, by time spent inside them:")

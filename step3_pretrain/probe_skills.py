@@ -14,7 +14,6 @@ cannot add leaves SFT to teach adding, and LoRA on two small matrices per layer 
 """
 import argparse
 import pathlib
-import re
 import sys
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
@@ -55,6 +54,12 @@ def sum_prompts() -> list[tuple[str, str]]:
     return pairs
 
 
+def ends_right_after(text: str, answer: str) -> bool:
+    """text starts with the whole answer, and the answer's word ends there: " 12." is right for
+    " 12", but " 1" or " 123" is not, nor " Caldfordshire" for " Caldford"."""
+    return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
+
+
 @torch.no_grad()
 def greedy_continuation(model, tokenizer, prompt: str, n_tokens: int) -> str:
     device = next(model.parameters()).device
@@ -68,14 +73,12 @@ def probe(model, tokenizer, world) -> dict:
     was_training = model.training
     model.eval()
     wrong = {"facts": [], "sums": []}
-    for prompt, value in fact_prompts(world):
-        got = greedy_continuation(model, tokenizer, prompt, len(tokenizer.encode(value)))
-        if got != value:
-            wrong["facts"].append((prompt, value, got))
-    for prompt, number in sum_prompts():
-        got = re.match(r" ?\d*", greedy_continuation(model, tokenizer, prompt, 3)).group(0)
-        if got != number:  # " 1" for " 12" is wrong too: the number must end where the answer does
-            wrong["sums"].append((prompt, number, got))
+    for kind, pairs in (("facts", fact_prompts(world)), ("sums", sum_prompts())):
+        for prompt, answer in pairs:
+            # a few tokens more than the answer takes, in case the model spells it in more pieces
+            got = greedy_continuation(model, tokenizer, prompt, len(tokenizer.encode(answer)) + 2)
+            if not ends_right_after(got, answer):
+                wrong[kind].append((prompt, answer, got))
     model.train(was_training)
     n = {"facts": len(fact_prompts(world)), "sums": len(sum_prompts())}
     return {"facts": 1 - len(wrong["facts"]) / n["facts"], "sums": 1 - len(wrong["sums"]) / n["sums"],

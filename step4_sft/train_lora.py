@@ -50,7 +50,7 @@ def main(argv=None):
     add_sft_args(parser, PROFILES)
     # No replay by default: it protects weights that fine-tuning changes, and LoRA leaves every
     # base weight frozen. Measured: with it, LoRA's tiny capacity went to the world text instead
-    # of the answers (overall 11.8 % against 35.4 % without, README).
+    # of the answers (overall 11.8 % against 35.4 % without, on the earlier base model; README).
     parser.set_defaults(replay_rows=0)
     args = parser.parse_args(argv)
     targets = parse_targets(args.target_modules)

@@ -113,7 +113,8 @@ def setup(args, profiles: dict) -> dict:
         replay_tokens = load_tokens(args.replay_data, "train", args.tokenizer)[0]
     elif replay_rows:
         # The world text only, not the skill text: its random names and numbers, which no model can
-        # predict, push against the copying SFT teaches (measured: instructions 19 % -> 50 %, README).
+        # predict, push against the copying SFT teaches (measured on the earlier base model:
+        # instructions 19 % -> 50 %, README).
         replay_tokens = encode_documents(tokenizer, world_training_documents(quick=args.quick), "replay text")
     if replay_rows and len(replay_tokens) <= max_tokens:
         raise UserError(f"the replay text has only {len(replay_tokens)} tokens, fewer than the context "

@@ -9,6 +9,7 @@ import torch
 
 from common.checkpoint import load_checkpoint
 from common.cli import UserError
+from common.metrics import read_metrics
 from common.model import ModelConfig, Transformer
 from common.train import TrainConfig, lr_at, make_optimizer, train
 from step1_tokenizer.bpe import Tokenizer
@@ -199,16 +200,21 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     assert len(sums) == 270 and ("Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =", " 12") in sums
     assert ("Belwen has 12 apples. Then Belwen gives 9 away: 12 - 9 =", " 3") in sums
     assert ("Wendel lives in", " Caldford") in facts and len(facts) == 276
-    # A stand-in model: right on every other prompt, and one character short on the rest
-    # (" 1" for " 12", " Caldfor" for " Caldford"), which must count as wrong. A sum's
-    # continuation goes on past the number (" 12."); a fact's is cut to the value's length.
+    # A stand-in model: right on every other prompt (the answer, then more text), and on the rest
+    # one character short (" 1." for " 12") or one too long (" Caldfordx"): both must count as wrong.
     answers, order = dict(facts + sums), {p: i for i, (p, _) in enumerate(facts + sums)}
-    monkeypatch.setattr(probe_skills, "greedy_continuation", lambda model, tokenizer, prompt, n: (
-        answers[prompt] if order[prompt] % 2 == 0 else answers[prompt][:-1]) + ("." if prompt.endswith("=") else ""))
+
+    def stand_in(model, tokenizer, prompt, n_tokens):
+        answer = answers[prompt]
+        if order[prompt] % 2 == 0:
+            return answer + ". And"
+        return answer[:-1] + "." if prompt.endswith("=") else answer + "x"
+    monkeypatch.setattr(probe_skills, "greedy_continuation", stand_in)
     result = probe_skills.probe(torch.nn.Linear(1, 1), Tokenizer.load(quick_run.tokenizer), world)
     assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270
-    assert result["wrong"]["sums"][0] == (sums[1][0], sums[1][1], sums[1][1][:-1])
+    assert result["wrong"]["sums"][0] == (sums[1][0], sums[1][1], sums[1][1][:-1] + ".")
     # and the real script runs on the quick model (its figures are not step 3's: no metrics written)
     monkeypatch.undo()
+    before = read_metrics(3)
     real = probe_skills.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer)])
-    assert 0 <= real["facts"] <= 1 and real["n_sums"] == 270
+    assert 0 <= real["facts"] <= 1 and real["n_sums"] == 270 and read_metrics(3) == before
