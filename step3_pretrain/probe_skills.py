@@ -72,17 +72,18 @@ def probe(model, tokenizer, world) -> dict:
     """Share of facts and of sums the model completes right, and the prompts it got wrong."""
     was_training = model.training
     model.eval()
-    wrong = {"facts": [], "sums": []}
+    result = {"wrong": {}}
     for kind, pairs in (("facts", fact_prompts(world)), ("sums", sum_prompts())):
+        wrong = []
         for prompt, answer in pairs:
             # a few tokens more than the answer takes, in case the model spells it in more pieces
             got = greedy_continuation(model, tokenizer, prompt, len(tokenizer.encode(answer)) + 2)
             if not ends_right_after(got, answer):
-                wrong[kind].append((prompt, answer, got))
+                wrong.append((prompt, answer, got))
+        result.update({kind: 1 - len(wrong) / len(pairs), f"n_{kind}": len(pairs)})
+        result["wrong"][kind] = wrong
     model.train(was_training)
-    n = {"facts": len(fact_prompts(world)), "sums": len(sum_prompts())}
-    return {"facts": 1 - len(wrong["facts"]) / n["facts"], "sums": 1 - len(wrong["sums"]) / n["sums"],
-            "n_facts": n["facts"], "n_sums": n["sums"], "wrong": wrong}
+    return result
 
 
 def main(argv=None):
