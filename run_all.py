@@ -1,6 +1,6 @@
 """Run the whole tutorial, step by step, and write out/report.md (the report card).
 
-    python run_all.py --quick    # every step at its --quick size: a few minutes
+    python run_all.py --quick    # every step at its --quick size, into out/quick/: a minute
     python run_all.py            # the default profile: the results in the READMEs
     python run_all.py --from 3   # start at step 3 (earlier steps' outputs are reused)
 
@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
-OUT_DIR = REPO_ROOT / "out"
+from common import paths
+from common.cli import add_quick_arg
+
+REPO_ROOT = paths.REPO_ROOT
 
 # (step, title, commands); each command is a script path and its arguments.
 STEPS = [
@@ -34,8 +36,8 @@ STEPS = [
                         ["step4_sft/train_lora.py", "--lora_r", "8"],
                         ["step4_sft/eval_sft.py"]]),
 ]
-# Scripts with nothing to size or place on a device take neither --quick nor --device.
-WITHOUT_COMMON_FLAGS = {"step1_tokenizer/show_tokens.py"}
+# Scripts with nothing to place on a device take no --device.
+WITHOUT_DEVICE_FLAG = {"step1_tokenizer/show_tokens.py"}
 
 
 def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -54,22 +56,23 @@ def write_report(seconds: dict, quick: bool) -> Path:
         lines += [f"## Step {step}: {title}", ""]
         if step in seconds:
             lines += [f"Ran in {seconds[step]:.0f} s.", ""]
-        path = OUT_DIR / f"step{step}" / "metrics.json"
+        path = paths.OUT_DIR / f"step{step}" / "metrics.json"
         if path.exists():
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {key} | {value} |" for key, value in flatten(json.loads(path.read_text()))]
         else:
             lines.append("(no metrics.json)")
         lines.append("")
-    report = OUT_DIR / "report.md"
-    OUT_DIR.mkdir(exist_ok=True)
+    report = paths.OUT_DIR / "report.md"
+    paths.OUT_DIR.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: the whole tutorial in minutes")
+    add_quick_arg(parser, help="tiny sizes, the whole tutorial in a minute; everything goes to out/quick/, "
+                               "so a full run's models and figures in out/ are left as they are")
     parser.add_argument("--from", dest="start", type=int, default=1, help="first step to run")
     parser.add_argument("--device", default="auto", help="passed to every script")
     args = parser.parse_args(argv)
@@ -81,8 +84,9 @@ def main(argv=None):
         started = time.time()
         for script, *script_args in commands:
             cmd = [sys.executable, script, *script_args]
-            if script not in WITHOUT_COMMON_FLAGS:
-                cmd += ["--device", args.device] + (["--quick"] if args.quick else [])
+            if script not in WITHOUT_DEVICE_FLAG:
+                cmd += ["--device", args.device]
+            cmd += ["--quick"] if args.quick else []
             print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
             if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
                 print(f"run_all: step {step} failed at `{' '.join(cmd[1:])}`; fix it, then "
@@ -90,7 +94,7 @@ def main(argv=None):
                 return 1
         seconds[step] = time.time() - started
     report = write_report(seconds, args.quick)
-    print(f"\nreport card: {report.relative_to(REPO_ROOT)}")
+    print(f"\nreport card: {report.relative_to(REPO_ROOT) if report.is_relative_to(REPO_ROOT) else report}")
     return 0
 
 

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from common.cli import UserError
+from common.cli import UserError, next_command
 
 # torch is imported inside the functions that need it: step 1 writes files through
 # atomic_write_text and stays free of torch's start-up time.
@@ -51,7 +51,7 @@ def load_checkpoint(path, map_location="cpu", hint: str = "") -> dict:
     import torch
 
     path = Path(path)
-    then = f"; run {hint}" if hint else ""
+    then = f"; run {next_command(hint)}" if hint else ""
     if not path.exists():
         raise UserError(f"{path}: checkpoint not found{then}")
     try:

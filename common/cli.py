@@ -7,6 +7,8 @@ problem and what to run next -- not a wall of traceback. Code raises
 import argparse
 import sys
 
+from common import paths
+
 
 class UserError(Exception):
     """A problem with the user's input or files: printed as one line, exit code 2."""
@@ -14,12 +16,33 @@ class UserError(Exception):
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every script shares: --quick, --device, --seed."""
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes that finish in seconds (used by the tests and CI)")
+    add_quick_arg(parser)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run; auto picks cuda, then mps, then cpu")
     parser.add_argument("--seed", type=int, default=0, help="random seed (runs are reproducible)")
     return parser
+
+
+class _QuickAction(argparse.Action):
+    """--quick: set args.quick, and send this process's outputs to out/quick/ (see common/paths.py)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        paths.use_quick_outputs()
+
+
+def add_quick_arg(parser: argparse.ArgumentParser, help: str = "tiny sizes that finish in seconds "
+                  "(used by the tests and CI); reads and writes out/quick/, never a full run's out/") -> None:
+    parser.add_argument("--quick", action=_QuickAction, help=help)
+
+
+def next_command(command: str) -> str:
+    """The command a message tells the learner to run: with --quick in a --quick run, whose
+    inputs are the quick runs' files in out/quick/."""
+    return command + " --quick" if paths.quick_outputs() else command
 
 
 def run_main(main) -> None:

@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import regex  # the `regex` module: unlike `re`, it knows \p{L} (any letter) and possessive ++
 
-from common.cli import UserError
-from common.paths import OUT_DIR
+from common.cli import UserError, next_command
+from common import paths
 
 # The pre-split pattern of GPT-4's tokenizer (cl100k). Alternatives, in order:
 #   's 't 're 've 'm 'll 'd          English contractions, kept apart from the word
@@ -58,7 +58,6 @@ DEFAULT_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, IMAGE)
 
 FILE_FORMAT = "lm-tutorial-bpe-tokenizer"
 FILE_VERSION = 1
-DEFAULT_TOKENIZER_PATH = OUT_DIR / "tokenizer.json"
 TRAIN_COMMAND = "python step1_tokenizer/train_tokenizer.py"
 
 
@@ -260,7 +259,7 @@ class Tokenizer:
     def load(cls, path):
         """Read a file written by save(); anything else is a UserError."""
         path = pathlib.Path(path)
-        fix = f"run {TRAIN_COMMAND}"
+        fix = f"run {next_command(TRAIN_COMMAND)}"
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -315,9 +314,14 @@ def _check_contents(data):
     return None
 
 
+def default_tokenizer_path() -> pathlib.Path:
+    """out/tokenizer.json (out/quick/tokenizer.json in a --quick run): the tokenizer every later step uses."""
+    return paths.OUT_DIR / "tokenizer.json"
+
+
 def load_tokenizer(path=None):
-    """Load the tokenizer every later step uses (default: out/tokenizer.json)."""
-    return Tokenizer.load(DEFAULT_TOKENIZER_PATH if path is None else path)
+    """Load the tokenizer every later step uses (default: default_tokenizer_path())."""
+    return Tokenizer.load(default_tokenizer_path() if path is None else path)
 
 
 # ----------------------------------------------------------------------------

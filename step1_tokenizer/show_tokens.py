@@ -17,8 +17,8 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import argparse
 
-from common.cli import run_main
-from step1_tokenizer.bpe import DEFAULT_TOKENIZER_PATH, load_tokenizer, render_token
+from common.cli import add_quick_arg, run_main
+from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer, render_token
 
 EXAMPLES = {
     "English": "Late one evening, the baker found a blue dragon near the old bridge.",
@@ -75,14 +75,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Show a text cut into tokens.")
     parser.add_argument("text", nargs="?", default=None,
                         help="text to tokenize (default: an English and a Chinese example)")
-    parser.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_TOKENIZER_PATH,
+    parser.add_argument("--tokenizer", type=pathlib.Path, default=None,
                         help="tokenizer file (default: out/tokenizer.json)")
     parser.add_argument("--allow_special", action="store_true",
                         help="turn special-token text such as <|endoftext|> into its single id")
     parser.add_argument("--colour", choices=["auto", "always", "never"], default="auto",
                         help="colour the tokens (auto: only when writing to a terminal)")
+    add_quick_arg(parser, help="show the --quick run's tokenizer (out/quick/tokenizer.json)")
     args = parser.parse_args(argv)
 
+    args.tokenizer = args.tokenizer or default_tokenizer_path()
     tok = load_tokenizer(args.tokenizer)
     colour = args.colour == "always" or (args.colour == "auto" and sys.stdout.isatty())
     examples = {"Text": args.text} if args.text is not None else EXAMPLES

@@ -18,7 +18,7 @@ import time
 
 from common.cli import add_common_args, run_main
 from common.metrics import write_metrics
-from step1_tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, DEFAULT_TOKENIZER_PATH, Tokenizer, train_bpe
+from step1_tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer, default_tokenizer_path, train_bpe
 from step1_tokenizer.corpus import default_documents, read_documents, split_heldout
 
 DEFAULT_VOCAB_SIZE = 4096
@@ -35,7 +35,7 @@ def parse_args(argv):
     parser.add_argument("--vocab_size", type=int, default=None,
                         help=f"256 bytes + merges + {len(DEFAULT_SPECIAL_TOKENS)} special tokens "
                              f"(default {DEFAULT_VOCAB_SIZE}, or {QUICK_VOCAB_SIZE} with --quick)")
-    parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_TOKENIZER_PATH,
+    parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="where to write the tokenizer (default: out/tokenizer.json)")
     # --quick; --seed picks the generated world (BPE itself has no randomness); --device is unused here
     add_common_args(parser)
@@ -90,6 +90,7 @@ def main(argv=None):
               f"there is nothing left to merge: vocab_size is {tok.vocab_size}, not {vocab_size}")
     print(f"vocab_size {tok.vocab_size} = 256 bytes + {len(tok.merges)} merges "
           f"+ {len(tok.special_tokens)} special tokens")
+    args.out = args.out or default_tokenizer_path()  # after parsing: --quick moves it to out/quick/
     tok.save(args.out)
 
     bytes_per_token, mb_per_s = measure(args.out, heldout_docs, train_docs)
@@ -109,7 +110,7 @@ def main(argv=None):
         repr(tok.decode([i])) for i in sorted(range(256, 256 + len(tok.merges)),
                                               key=lambda i: -len(tok.token_bytes(i)))[:8]))
     print(f"saved {args.out}; next: python step1_tokenizer/show_tokens.py"
-          + (f" --tokenizer {args.out}" if args.out != DEFAULT_TOKENIZER_PATH else ""))
+          + (f" --tokenizer {args.out}" if args.out != default_tokenizer_path() else ""))
     return results
 
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from common.cli import UserError, add_common_args, run_main
+from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.model import ModelConfig, Transformer, attention_maps, load_model
 from common import paths
@@ -40,7 +40,7 @@ def load_tokenizer_or_none(tokenizer_path):
     explicit = tokenizer_path is not None
     path = pathlib.Path(tokenizer_path) if explicit else paths.OUT_DIR / "tokenizer.json"
     if not path.exists() and not explicit:
-        return None, f"no tokenizer at {path} (run python step1_tokenizer/train_tokenizer.py)"
+        return None, f"no tokenizer at {path} (run {next_command('python step1_tokenizer/train_tokenizer.py')})"
     try:
         return load_tokenizer(path), f"BPE tokenizer {path}"
     except UserError as err:

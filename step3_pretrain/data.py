@@ -24,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from common.checkpoint import atomic_write_text
-from common.cli import UserError, add_common_args, run_main
+from common.cli import UserError, add_common_args, next_command, run_main
 from common.paths import step_dir
-from step1_tokenizer.bpe import DEFAULT_TOKENIZER_PATH, load_tokenizer
+from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer
 from step1_tokenizer.corpus import default_documents, read_documents, split_heldout
 
 MAKE_DATA = "python step3_pretrain/data.py"
@@ -48,7 +48,7 @@ def encode_documents(tokenizer, docs: list[str], desc: str) -> np.ndarray:
 
 def prepare(data_dir, tokenizer_path=None, input_path=None, quick=False) -> dict:
     """Tokenize the corpus into data_dir/{train,val}.bin and meta.json; return the meta."""
-    tokenizer_path = pathlib.Path(tokenizer_path or DEFAULT_TOKENIZER_PATH)
+    tokenizer_path = pathlib.Path(tokenizer_path or default_tokenizer_path())
     tokenizer = load_tokenizer(tokenizer_path)
     if input_path:
         train_docs, val_docs = split_heldout(read_documents(input_path))
@@ -75,16 +75,16 @@ def load_tokens(data_dir, split: str, tokenizer_path=None):
     data_dir = pathlib.Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.exists():
-        raise UserError(f"{meta_path}: no tokenized data; run {MAKE_DATA}")
+        raise UserError(f"{meta_path}: no tokenized data; run {next_command(MAKE_DATA)}")
     meta = json.loads(meta_path.read_text())
-    tokenizer_path = pathlib.Path(tokenizer_path or DEFAULT_TOKENIZER_PATH)
+    tokenizer_path = pathlib.Path(tokenizer_path or default_tokenizer_path())
     if tokenizer_path.exists() and tokenizer_fingerprint(tokenizer_path) != meta["tokenizer_sha"]:
         raise UserError(f"{data_dir / (split + '.bin')} was made with a different tokenizer than "
-                        f"{tokenizer_path}; run {MAKE_DATA} again")
+                        f"{tokenizer_path}; run {next_command(MAKE_DATA)} again")
     path = data_dir / f"{split}.bin"
     expected = meta[split]["tokens"] * np.dtype(meta["dtype"]).itemsize
     if not path.exists() or path.stat().st_size != expected:
-        raise UserError(f"{path}: missing or of the wrong size (expected {expected} bytes); run {MAKE_DATA}")
+        raise UserError(f"{path}: missing or of the wrong size (expected {expected} bytes); run {next_command(MAKE_DATA)}")
     return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
 

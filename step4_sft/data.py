@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from common.checkpoint import atomic_write_text
-from common.cli import UserError, add_common_args, run_main
+from common.cli import UserError, add_common_args, next_command, run_main
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step3_pretrain.train_pretrain import random_windows
@@ -102,7 +102,7 @@ def read_conversations(path, report: SkipReport):
     bad lines go to `report` (which raises at once when strict)."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise UserError(f"{path}: conversation file not found; run {MAKE_SAMPLE} or pass --data FILE")
+        raise UserError(f"{path}: conversation file not found; run {next_command(MAKE_SAMPLE)} or pass --data FILE")
     with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes become U+FFFD, never a crash
         for number, line in enumerate(f, start=1):
             if line.strip():

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.cli import UserError
+from common.cli import UserError, next_command
 
 ADAPTER_FORMAT = "lm-tutorial-lora-adapter"
 ATTENTION = ("wq", "wk", "wv", "wo")
@@ -249,7 +249,7 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
     that does not fit (another base config, another rank) is a UserError."""
     adapter = load_checkpoint(path, hint=hint)
     if adapter.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{path}: not a LoRA adapter file (format {adapter.get('format')!r}); run {hint}")
+        raise UserError(f"{path}: not a LoRA adapter file (format {adapter.get('format')!r}); run {next_command(hint)}")
     base_config = model.config.to_dict()
     if adapter["base_config"] != base_config:
         differ = [f"{k}={v} there but {base_config.get(k)} here" for k, v in adapter["base_config"].items()

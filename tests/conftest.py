@@ -80,9 +80,21 @@ def keep_out_dir_clean(tmp_path_factory):
     """Tests never write into the learner's out/: step_dir() points into a temporary folder."""
     import common.paths
 
+    out = tmp_path_factory.mktemp("out")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common.paths, "OUT_DIR", tmp_path_factory.mktemp("out"))
-        yield
+        patch.setattr(common.paths, "OUT_DIR", out)
+        yield out
+
+
+@pytest.fixture(autouse=True)
+def not_quick_until_asked(keep_out_dir_clean):
+    """A --quick main() switches the process to out/quick/ (common/paths.py); every test starts
+    at the session's temporary out/, whatever the tests (and fixtures) before it ran."""
+    import common.paths
+
+    common.paths.OUT_DIR = keep_out_dir_clean
+    yield
+    common.paths.OUT_DIR = keep_out_dir_clean
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
 """The repository's own promises: CI runs the README's test command, scripts start
-from any folder, the verification-list plugin ticks and crosses items."""
+from any folder, --quick runs stay in out/quick/, the verification-list plugin ticks and
+crosses items."""
 import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from tests.verification import REPO_ROOT
 
@@ -40,6 +43,34 @@ def test_every_script_starts_from_its_own_folder_and_as_a_module():
               for (args, cwd), r in zip(jobs, results) if r.returncode != 0 or "usage" not in r.stdout]
     assert len(SCRIPTS) >= 5
     assert not failed, failed
+
+
+def test_quick_runs_read_and_write_out_quick_and_leave_a_full_run_alone(tmp_path, monkeypatch, capsys):
+    import common.paths
+    import run_all
+    from common.cli import UserError
+    from step1_tokenizer import show_tokens, train_tokenizer
+    from step3_pretrain import train_pretrain
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(common.paths, "OUT_DIR", out)
+    (out / "step1").mkdir(parents=True)
+    full_run = {out / "tokenizer.json": b"a full run's tokenizer", out / "step1" / "metrics.json": b"{}"}
+    for path, content in full_run.items():
+        path.write_bytes(content)
+    train_tokenizer.main(["--quick"])
+    assert common.paths.OUT_DIR == out / "quick"
+    assert (out / "quick" / "tokenizer.json").exists() and (out / "quick" / "step1" / "metrics.json").exists()
+    assert all(path.read_bytes() == content for path, content in full_run.items())
+    assert sorted(p.name for p in out.iterdir()) == ["quick", "step1", "tokenizer.json"]
+    capsys.readouterr()
+    show_tokens.main(["--quick", "hello"])  # reads the quick run's tokenizer, not the full run's
+    assert f"tokenizer: {out / 'quick' / 'tokenizer.json'}" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"quick/step3/meta.json: no tokenized data; run python "
+                                        r"step3_pretrain/data.py --quick$"):  # the next command keeps --quick
+        train_pretrain.main(["--quick"])
+    assert run_all.main(["--quick", "--from", "99"]) == 0  # no step runs; the report card goes to out/quick/
+    assert "Profile: quick." in (out / "quick" / "report.md").read_text() and not (out / "report.md").exists()
 
 
 def test_plugin_prints_each_step_list_ticked_and_crossed(pytester):

@@ -232,22 +232,22 @@ def test_bad_input(tmp_path, capsys, tok):
 
 
 @pytest.mark.verifies(1, "train_tokenizer.py --quick trains on the quick generated corpus and writes the "
-                         "tokenizer and out/step1/metrics.json")
+                         "tokenizer and its metrics under out/quick/, leaving a full run's out/tokenizer.json alone")
 def test_train_script_quick(tmp_path, monkeypatch):
-    import common.metrics
+    import common.paths
     from step1_tokenizer.corpus import default_documents
 
-    monkeypatch.setattr(common.metrics, "step_dir", lambda step: tmp_path / f"step{step}")
-    (tmp_path / "step1").mkdir()
-    out = tmp_path / "tokenizer.json"
-    results = train_tokenizer.main(["--quick", "--out", str(out)])
+    monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path)
+    results = train_tokenizer.main(["--quick"])
+    out = tmp_path / "quick" / "tokenizer.json"
+    assert not (tmp_path / "tokenizer.json").exists() and not (tmp_path / "step1").exists()
 
     train_docs, heldout_docs = default_documents(quick=True)
     expected = train_bpe(train_docs, vocab_size=512)
     loaded = Tokenizer.load(out)
     assert loaded.vocab_size == results["vocab_size"] == 512
     assert loaded.merges == expected.merges  # exactly the text step 3 pretrains on
-    metrics = json.loads((tmp_path / "step1" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "quick" / "step1" / "metrics.json").read_text())
     assert metrics == results
     n_tokens = sum(len(loaded.encode(d)) for d in heldout_docs)
     n_bytes = sum(len(d.encode("utf-8")) for d in heldout_docs)

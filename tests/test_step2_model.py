@@ -402,14 +402,15 @@ def test_param_count_script_prints_formula_beside_measured(out_dir, capsys):
 
 def test_attention_map_script_falls_back_to_a_random_model_and_bytes(out_dir, capsys):
     from step2_model import attention_map
-    (out_dir / "step3").mkdir(parents=True)
-    (out_dir / "step3" / "model.pt").write_bytes(b"not a checkpoint")  # a broken file must not crash it
+    quick_dir = out_dir / "quick"  # where --quick reads and writes
+    (quick_dir / "step3").mkdir(parents=True)
+    (quick_dir / "step3" / "model.pt").write_bytes(b"not a checkpoint")  # a broken file must not crash it
     result = attention_map.main(["--quick", "--text", "héllo world"])
     printed = capsys.readouterr().out
     assert not result["trained"] and "RANDOMLY INITIALISED" in printed and "could not load" in printed
     assert "byte-level fallback" in printed
     assert result["n_tokens"] == len("héllo world".encode("utf-8"))
-    assert Path(result["path"]) == out_dir / "step2" / "attention_map.png" and Path(result["path"]).stat().st_size
+    assert Path(result["path"]) == quick_dir / "step2" / "attention_map.png" and Path(result["path"]).stat().st_size
     assert len(result["maps"]) == 2
     with pytest.raises(UserError, match="--layer 5"):
         attention_map.main(["--quick", "--layer", "5"])
@@ -438,8 +439,9 @@ def test_kv_cache_bench_reports_both_speeds_and_same_tokens(out_dir):
     memory = list(result["kv_cache_memory"].values())
     assert memory[0] == {"gqa_bytes": 2 * 2 * 2 * 16 * 64 * 4, "mha_bytes": 2 * 2 * 4 * 16 * 64 * 4}
     assert memory[1]["mha_bytes"] == 8 * memory[1]["gqa_bytes"]
-    metrics = json.loads((out_dir / "step2" / "metrics.json").read_text())
-    assert metrics["kv_cache"]["same_tokens"] is True and (out_dir / "step2" / "kv_cache.png").exists()
+    quick_dir = out_dir / "quick" / "step2"  # where a --quick run writes
+    metrics = json.loads((quick_dir / "metrics.json").read_text())
+    assert metrics["kv_cache"]["same_tokens"] is True and (quick_dir / "kv_cache.png").exists()
     with pytest.raises(UserError, match="does not fit"):
         kv_cache_bench.main(["--quick", "--new_tokens", "100"])
 
