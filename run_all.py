@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from common import paths
-from common.cli import add_quick_arg
+from common.cli import add_quick_arg, next_command
 
 REPO_ROOT = paths.REPO_ROOT
 
@@ -90,7 +90,7 @@ def main(argv=None):
             print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
             if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
                 print(f"run_all: step {step} failed at `{' '.join(cmd[1:])}`; fix it, then "
-                      f"`python run_all.py --from {step}`", file=sys.stderr)
+                      f"`{next_command(f'python run_all.py --from {step}')}`", file=sys.stderr)
                 return 1
         seconds[step] = time.time() - started
     report = write_report(seconds, args.quick)

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import argparse
 import time
 
-from common.cli import add_common_args, run_main
+from common.cli import add_common_args, next_command, run_main
 from common.metrics import write_metrics
 from step1_tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer, default_tokenizer_path, train_bpe
 from step1_tokenizer.corpus import default_documents, read_documents, split_heldout
@@ -109,8 +109,8 @@ def main(argv=None):
     print("longest tokens:", ", ".join(
         repr(tok.decode([i])) for i in sorted(range(256, 256 + len(tok.merges)),
                                               key=lambda i: -len(tok.token_bytes(i)))[:8]))
-    print(f"saved {args.out}; next: python step1_tokenizer/show_tokens.py"
-          + (f" --tokenizer {args.out}" if args.out != default_tokenizer_path() else ""))
+    show = "python step1_tokenizer/show_tokens.py" + (f" --tokenizer {args.out}" if args.out != default_tokenizer_path() else "")
+    print(f"saved {args.out}; next: {next_command(show)}")
     return results
 
 

@@ -61,7 +61,7 @@ def load_model_or_random(checkpoint, device, quick: bool, min_vocab: int = 0):
                 raise
             note = f"could not load {path} ({err})"
     elif explicit:
-        raise UserError(f"{path}: checkpoint not found; run python step3_pretrain/train_pretrain.py "
+        raise UserError(f"{path}: checkpoint not found; run {next_command('python step3_pretrain/train_pretrain.py')} "
                         f"or leave out --checkpoint")
     else:
         note = f"no trained model at {path} yet (run step 3 to get one)"

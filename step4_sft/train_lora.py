@@ -16,7 +16,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common.cli import run_main
+from common.cli import next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
 from step4_sft.lora import apply_lora, count_trainable, parse_targets, save_adapter
@@ -81,7 +81,7 @@ def main(argv=None):
     print(f"saved {adapter_path} ({metrics['file_mb']} MB) after {result['train_seconds']:.0f} s; "
           f"loss: train {metrics['final_train_loss']}{' (answers + replayed text)' if run['replay_rows'] else ''}, "
           f"validation {metrics['val_loss']} (answers only)")
-    print(f"next: python step4_sft/chat.py --lora {adapter_path}")
+    print(f"next: {next_command(f'python step4_sft/chat.py --lora {adapter_path}')}")
     return {**result, **metrics}
 
 

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import torch
 
 from common.checkpoint import save_checkpoint
-from common.cli import UserError, add_common_args, run_main
+from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.distributed import init_distributed
 from common.metrics import write_metrics
@@ -202,7 +202,7 @@ def main(argv=None):
     print(f"saved {model_path} ({metrics['file_mb']} MB) after {result['train_seconds']:.0f} s; "
           f"loss: train {metrics['final_train_loss']}{' (answers + replayed text)' if run['replay_rows'] else ''}, "
           f"validation {metrics['val_loss']} (answers only)")
-    print(f"next: python step4_sft/chat.py --checkpoint {model_path}")
+    print(f"next: {next_command(f'python step4_sft/chat.py --checkpoint {model_path}')}")
     return {**result, **metrics}
 
 

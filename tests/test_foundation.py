@@ -63,12 +63,17 @@ def test_quick_runs_read_and_write_out_quick_and_leave_a_full_run_alone(tmp_path
     assert (out / "quick" / "tokenizer.json").exists() and (out / "quick" / "step1" / "metrics.json").exists()
     assert all(path.read_bytes() == content for path, content in full_run.items())
     assert sorted(p.name for p in out.iterdir()) == ["quick", "step1", "tokenizer.json"]
-    capsys.readouterr()
+    printed = capsys.readouterr().out  # the next command keeps --quick
+    assert "next: python step1_tokenizer/show_tokens.py --quick" in printed
+    # each script's own --quick must switch: start every call from the full run's out/ again
+    monkeypatch.setattr(common.paths, "OUT_DIR", out)
     show_tokens.main(["--quick", "hello"])  # reads the quick run's tokenizer, not the full run's
     assert f"tokenizer: {out / 'quick' / 'tokenizer.json'}" in capsys.readouterr().out
-    with pytest.raises(UserError, match=r"quick/step3/meta.json: no tokenized data; run python "
-                                        r"step3_pretrain/data.py --quick$"):  # the next command keeps --quick
+    monkeypatch.setattr(common.paths, "OUT_DIR", out)
+    with pytest.raises(UserError, match=r"no tokenized data; run python step3_pretrain/data.py --quick$") as err:
         train_pretrain.main(["--quick"])
+    assert str(out / "quick" / "step3" / "meta.json") in str(err.value)
+    monkeypatch.setattr(common.paths, "OUT_DIR", out)
     assert run_all.main(["--quick", "--from", "99"]) == 0  # no step runs; the report card goes to out/quick/
     assert "Profile: quick." in (out / "quick" / "report.md").read_text() and not (out / "report.md").exists()
 

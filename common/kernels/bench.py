@@ -31,9 +31,9 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import torch
 
 from common.checkpoint import atomic_write_text
-from common.cli import run_main
+from common.cli import add_quick_arg, run_main
 from common.kernels import TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cross_entropy_reference, rms_norm_reference
-from common.paths import OUT_DIR
+from common import paths
 from common.seed import seed_everything
 
 # (rows, hidden). rows = batch x sequence length. The first is tutorial-sized
@@ -277,13 +277,14 @@ def markdown(report: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time the Triton kernels against PyTorch eager and "
                                                  "torch.compile (needs a CUDA GPU).")
-    parser.add_argument("--quick", action="store_true", help="two shapes per kernel instead of all")
+    add_quick_arg(parser, help="two shapes per kernel instead of all; writes out/quick/kernels/bench.json")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of x and logits")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT_DIR / "kernels" / "bench.json",
-                        help="where to write the results as JSON")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="where to write the results as JSON (default out/kernels/bench.json)")
     args = parser.parse_args(argv)
+    args.out = args.out or paths.OUT_DIR / "kernels" / "bench.json"  # after parsing: --quick moves it
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU and torch sees none: nothing to measure here. "
               "The kernels' correctness is tested on the CPU: pytest tests/test_kernels.py")
