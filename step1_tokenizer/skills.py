@@ -49,8 +49,8 @@ def sum_story(rng, person: str, add_verbs, take_verbs) -> tuple[str, list[str], 
     for _ in range(rng.randint(1, 3)):
         add, n = next_sum(rng, total)
         story.append(f"Then {person} {rng.choice(add_verbs if add else take_verbs).format(n=n)}")
-        working.append(f"{total} {'+' if add else '-'} {n} = {total + n if add else total - n}")
-        total = total + n if add else total - n
+        line, total = worked_sum(total, add, n)
+        working.append(line)
     return item, story, working, total
 
 
@@ -58,6 +58,12 @@ def next_sum(rng, total: int) -> tuple[bool, int]:
     """(add?, n): one more step from `total` that keeps the running total between 1 and MAX_TOTAL."""
     add = total < 3 or (total + 1 <= MAX_TOTAL and rng.random() < 0.5)
     return add, rng.randint(1, min(MAX_NUMBER, MAX_TOTAL - total) if add else min(MAX_NUMBER, total - 1))
+
+
+def worked_sum(total: int, add: bool, n: int) -> tuple[str, int]:
+    """("7 + 5 = 12", 12): the line a worked answer writes, and the new total."""
+    result = total + n if add else total - n
+    return f"{total} {'+' if add else '-'} {n} = {result}", result
 
 
 def _and_list(words: list[str]) -> str:
@@ -145,9 +151,8 @@ class _Writer:
         r = self.rng
         total, lines = r.randint(1, MAX_TOTAL), []
         for _ in range(r.randint(8, 14)):
-            add, n = next_sum(r, total)
-            lines.append(f"{total} {'+' if add else '-'} {n} = {total + n if add else total - n}")
-            total = total + n if add else total - n
+            line, total = worked_sum(total, *next_sum(r, total))
+            lines.append(line)
         return f"{r.choice(self.people)} practised sums:\n" + "\n".join(lines)
 
 

@@ -109,7 +109,8 @@ def main(argv=None):
     print("longest tokens:", ", ".join(
         repr(tok.decode([i])) for i in sorted(range(256, 256 + len(tok.merges)),
                                               key=lambda i: -len(tok.token_bytes(i)))[:8]))
-    show = "python step1_tokenizer/show_tokens.py" + (f" --tokenizer {args.out}" if args.out != default_tokenizer_path() else "")
+    show = "python step1_tokenizer/show_tokens.py"
+    show += f" --tokenizer {args.out}" if args.out != default_tokenizer_path() else ""
     print(f"saved {args.out}; next: {next_command(show)}")
     return results
 

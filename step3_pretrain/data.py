@@ -84,7 +84,8 @@ def load_tokens(data_dir, split: str, tokenizer_path=None):
     path = data_dir / f"{split}.bin"
     expected = meta[split]["tokens"] * np.dtype(meta["dtype"]).itemsize
     if not path.exists() or path.stat().st_size != expected:
-        raise UserError(f"{path}: missing or of the wrong size (expected {expected} bytes); run {next_command(MAKE_DATA)}")
+        raise UserError(f"{path}: missing or of the wrong size (expected {expected} bytes); "
+                        f"run {next_command(MAKE_DATA)}")
     return np.memmap(path, dtype=meta["dtype"], mode="r"), meta
 
 

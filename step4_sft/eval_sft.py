@@ -131,7 +131,8 @@ def main(argv=None):
                       "lora": dict(checkpoint=base_path, lora=out_dir / "lora_adapter.pt")}
         runs = {s: r for s, r in candidates.items() if pathlib.Path(r.get("lora") or r["checkpoint"]).exists()}
         if not runs:
-            raise UserError(f"no model to score in {out_dir} or {base_path}; run {next_command('python step4_sft/train_sft.py')}")
+            raise UserError(f"no model to score in {out_dir} or {base_path}; "
+                            f"run {next_command('python step4_sft/train_sft.py')}")
     records = load_eval_records(args.data or step_dir(4) / "sft_eval.jsonl", args.limit)
     tokenizer = load_tokenizer(args.tokenizer)
     write = out_dir == step_dir(4)  # a run in a scratch folder leaves the step's report alone

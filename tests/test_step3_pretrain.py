@@ -191,7 +191,7 @@ def test_profile_counts_three_matrix_products_per_linear_layer_per_step():
     assert rows["aten::mm"] == 3 * (7 * n_layer + 1) == 87
 
 
-def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quick_run, monkeypatch):
+def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quick_run, monkeypatch, tmp_path):
     from step1_tokenizer.world import build_world
     from step3_pretrain import probe_skills
 
@@ -213,8 +213,12 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     result = probe_skills.probe(torch.nn.Linear(1, 1), Tokenizer.load(quick_run.tokenizer), world)
     assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270
     assert result["wrong"]["sums"][0] == (sums[1][0], sums[1][1], sums[1][1][:-1] + ".")
-    # and the real script runs on the quick model (its figures are not step 3's: no metrics written)
+    # and the real script runs on the quick model (its figures are not step 3's: no metrics written
+    # where this --quick run would write step 3's, out/quick/step3/)
     monkeypatch.undo()
-    before = read_metrics(3)
+    monkeypatch.setattr("common.paths.OUT_DIR", tmp_path / "out")  # nothing there: no quick model yet
     real = probe_skills.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer)])
-    assert 0 <= real["facts"] <= 1 and real["n_sums"] == 270 and read_metrics(3) == before
+    assert 0 <= real["facts"] <= 1 and real["n_sums"] == 270 and "probe" not in read_metrics(3)
+    with pytest.raises(UserError, match=r"model.pt: checkpoint not found; run python "
+                                        r"step3_pretrain/train_pretrain.py --quick$"):
+        probe_skills.main(["--quick", "--tokenizer", str(quick_run.tokenizer)])
