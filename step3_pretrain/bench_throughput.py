@@ -9,6 +9,13 @@ backward, gradient clipping, AdamW -- on that exact shape and prints tokens per 
 Ours differs inside (RMSNorm, RoPE, SwiGLU, no biases), not in size: the parameter counts
 is about the same (0.8M parameters).
 
+    python step3_pretrain/bench_throughput.py --against_gpt2
+
+times ours beside nanoGPT's architecture (gpt2_reference.py) in one process, in alternating
+rounds, each eager and compiled, and prints the medians and their ratio to nanoGPT's recipe
+(eager: the recipe says --compile=False). One process and alternation matter here: this
+machine's speed drifts by more than the difference between the models.
+
     python step3_pretrain/bench_throughput.py --ops
 
 times single operations at that shape instead, forward and backward: our RoPE against the
@@ -22,6 +29,7 @@ first: how many times, and the milliseconds spent inside them.
 """
 import argparse
 import pathlib
+import statistics
 import sys
 import time
 
@@ -35,6 +43,7 @@ from common.device import pick_device
 from common.metrics import write_metrics
 from common.model import ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables
 from common.train import TrainConfig, make_optimizer
+from step3_pretrain.gpt2_reference import GPT2, nanogpt_optimizer
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
 BATCH_SIZE = 12
@@ -56,6 +65,41 @@ def time_steps(model, optimizer, batch, steps: int, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - started) / steps
+
+
+def compare_with_gpt2(rounds: int, steps: int, compile_too: bool) -> dict:
+    """Median tokens/s of ours and of nanoGPT's GPT-2 over alternating rounds in this process,
+    and each one's median ratio to the GPT-2 run as nanoGPT's CPU recipe runs it (eager)."""
+    def ours():
+        model = Transformer(ModelConfig(**NANOGPT_CPU))
+        return model, make_optimizer(model, TrainConfig(lr=1e-3))
+
+    def nanogpt():
+        model = GPT2(**NANOGPT_CPU)
+        return model, nanogpt_optimizer(model)
+
+    shape = (BATCH_SIZE, NANOGPT_CPU["block_size"])
+    batch = (torch.randint(0, 65, shape), torch.randint(0, 65, shape))
+    runs = {"ours": ours(), "nanogpt": nanogpt()}
+    if compile_too:  # separate copies, so the eager runs stay eager
+        for name, build in (("ours", ours), ("nanogpt", nanogpt)):
+            model, optimizer = build()
+            compiled = torch.compile(model)
+            try:  # compiling happens on the first step: about 20 s each on a CPU
+                time_steps(compiled, optimizer, batch, 1, torch.device("cpu"))
+            except Exception as error:  # on a CPU, torch.compile needs a C++ compiler
+                print(f"torch.compile failed ({type(error).__name__}); timing the eager models only")
+                break
+            runs[f"{name}_compiled"] = (compiled, optimizer)
+    tokens_per_sec = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (model, optimizer) in runs.items():
+            tokens_per_sec[name].append(BATCH_SIZE * shape[1] / time_steps(model, optimizer, batch, steps,
+                                                                        torch.device("cpu")))
+    return {name: {"median_tokens_per_sec": round(statistics.median(values), 1),
+                   "median_ratio_to_nanogpt": round(statistics.median(
+                       a / b for a, b in zip(values, tokens_per_sec["nanogpt"])), 3)}
+            for name, values in tokens_per_sec.items()}
 
 
 def textbook_rope(x, cos, sin):
@@ -108,6 +152,9 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model first (fuses the small element-wise operations; "
                              "about 20 s of compiling on a CPU)")
+    parser.add_argument("--against_gpt2", action="store_true",
+                        help="time ours beside nanoGPT's GPT-2 in one process, alternating rounds")
+    parser.add_argument("--rounds", type=int, default=12, help="alternating rounds for --against_gpt2")
     parser.add_argument("--ops", action="store_true",
                         help="time single operations (RoPE, RMSNorm vs LayerNorm) instead of whole steps")
     parser.add_argument("--profile", action="store_true",
@@ -125,6 +172,19 @@ def main(argv=None):
         if not args.quick:
             write_metrics(3, ops, section="bench_ops")
         return ops
+    if args.against_gpt2:
+        if device.type != "cpu":
+            raise UserError("--against_gpt2 compares CPU training steps: run it with --device cpu")
+        rounds, steps = (2, 2) if args.quick else (args.rounds, 20)
+        result = compare_with_gpt2(rounds, steps, compile_too=not args.quick)
+        print(f"{rounds} alternating rounds of {steps} steps, nanoGPT's CPU recipe shape "
+              f"({torch.get_num_threads()} threads); median tokens/s, and median ratio to nanoGPT's recipe:")
+        for name, row in result.items():
+            print(f"  {name:<18} {row['median_tokens_per_sec']:>9,.0f}   {row['median_ratio_to_nanogpt']:.3f}")
+        if not args.quick:
+            write_metrics(3, {**result, "rounds": rounds, "threads": torch.get_num_threads()},
+                          section="bench_against_gpt2")
+        return result
     steps = 5 if args.quick else args.steps
     model = Transformer(ModelConfig(**NANOGPT_CPU)).to(device)
     optimizer = make_optimizer(model, TrainConfig(lr=1e-3))

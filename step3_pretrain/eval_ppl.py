@@ -28,8 +28,6 @@ from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step1_tokenizer.corpus import read_documents
 
-MAKE_MODEL = "python step3_pretrain/train_pretrain.py"
-
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
     """UTF-8 bytes each id stands for; special tokens count 0 (they are not text)."""
@@ -74,7 +72,7 @@ def main(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_MODEL)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device)
     tokenizer = load_tokenizer(args.tokenizer)
     if args.input:
         tokens = []

@@ -29,7 +29,6 @@ from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL
 from step1_tokenizer.world import build_world, phrasings
-from step3_pretrain.eval_ppl import MAKE_MODEL
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
 
@@ -94,7 +93,7 @@ def main(argv=None):
     parser.add_argument("--show", type=int, default=5, help="print this many wrong completions of each kind")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device), hint=MAKE_MODEL)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
     result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
     for kind in ("facts", "sums"):
         print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")

@@ -79,7 +79,9 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="output folder (default out/step3)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model: pays off on CUDA, and on a CPU at toy sizes only "
+                             "(needs a C++ compiler)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                         help="RMSNorm and cross-entropy: Triton kernels on CUDA (auto) or plain PyTorch")
     for key in MODEL_KEYS + TRAIN_KEYS:

@@ -222,3 +222,25 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     with pytest.raises(UserError, match=r"model.pt: checkpoint not found; run python "
                                         r"step3_pretrain/train_pretrain.py --quick$"):
         probe_skills.main(["--quick", "--tokenizer", str(quick_run.tokenizer)])
+
+
+def test_gpt2_reference_has_nanogpts_parameter_count_is_causal_and_the_comparison_runs():
+    """nanoGPT prints 0.80M for its CPU recipe (it leaves out the position table): tied V*C, T*C
+    positions, per block two norm gains, q,k,v (3C^2), the output projection (C^2), the MLP (8C^2)."""
+    from step3_pretrain import bench_throughput
+    from step3_pretrain.gpt2_reference import GPT2
+
+    V, T, L, C = (bench_throughput.NANOGPT_CPU[k] for k in ("vocab_size", "block_size", "n_layer", "n_embd"))
+    torch.manual_seed(0)
+    model = GPT2(**bench_throughput.NANOGPT_CPU)
+    assert sum(p.numel() for p in model.parameters()) == V * C + T * C + L * (2 * C + 12 * C * C) + C == 804_096
+    idx = torch.randint(0, V, (1, 10))
+    changed = idx.clone()
+    changed[0, 6] = (idx[0, 6] + 1) % V
+    with torch.no_grad():
+        before, after = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :6], after[:, :6])  # positions before 6 never see token 6
+    assert not torch.allclose(before[:, 6], after[:, 6])
+    result = bench_throughput.main(["--against_gpt2", "--quick"])  # --quick: eager only, 2 rounds
+    assert set(result) == {"ours", "nanogpt"} and result["nanogpt"]["median_ratio_to_nanogpt"] == 1.0
+    assert result["ours"]["median_tokens_per_sec"] > 0
