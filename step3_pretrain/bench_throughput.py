@@ -12,9 +12,10 @@ is about the same (0.8M parameters).
     python step3_pretrain/bench_throughput.py --against_gpt2
 
 times ours beside nanoGPT's architecture (gpt2_reference.py) in one process, in alternating
-rounds, each eager and compiled, and prints the medians and their ratio to nanoGPT's recipe
-(eager: the recipe says --compile=False). One process and alternation matter here: this
-machine's speed drifts by more than the difference between the models.
+rounds, each eager and compiled (and nanoGPT's model once more with our fused AdamW, to compare
+the architectures alone), and prints each one's median tokens/s and the median of its per-round
+ratio to nanoGPT's recipe (eager: the recipe says --compile=False). One process and alternation
+matter: a CPU's speed drifts by more than the difference between the models.
 
     python step3_pretrain/bench_throughput.py --ops
 
@@ -78,28 +79,37 @@ def compare_with_gpt2(rounds: int, steps: int, compile_too: bool) -> dict:
         model = GPT2(**NANOGPT_CPU)
         return model, nanogpt_optimizer(model)
 
-    shape = (BATCH_SIZE, NANOGPT_CPU["block_size"])
+    cpu, shape = torch.device("cpu"), (BATCH_SIZE, NANOGPT_CPU["block_size"])
     batch = (torch.randint(0, 65, shape), torch.randint(0, 65, shape))
-    runs = {"ours": ours(), "nanogpt": nanogpt()}
+    gpt2 = GPT2(**NANOGPT_CPU)  # nanoGPT's model with our fused AdamW: the architectures alone
+    runs = {"ours": ours(), "nanogpt": nanogpt(), "nanogpt_fused_adamw": (gpt2, nanogpt_optimizer(gpt2, fused=True))}
     if compile_too:  # separate copies, so the eager runs stay eager
         for name, build in (("ours", ours), ("nanogpt", nanogpt)):
             model, optimizer = build()
             compiled = torch.compile(model)
             try:  # compiling happens on the first step: about 20 s each on a CPU
-                time_steps(compiled, optimizer, batch, 1, torch.device("cpu"))
+                time_steps(compiled, optimizer, batch, 1, cpu)
             except Exception as error:  # on a CPU, torch.compile needs a C++ compiler
-                print(f"torch.compile failed ({type(error).__name__}); timing the eager models only")
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                print(f"torch.compile failed ({type(error).__name__}: {first_line}); timing the eager models only")
+                runs = {name: run for name, run in runs.items() if not name.endswith("_compiled")}
                 break
             runs[f"{name}_compiled"] = (compiled, optimizer)
     tokens_per_sec = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, (model, optimizer) in runs.items():
-            tokens_per_sec[name].append(BATCH_SIZE * shape[1] / time_steps(model, optimizer, batch, steps,
-                                                                        torch.device("cpu")))
-    return {name: {"median_tokens_per_sec": round(statistics.median(values), 1),
-                   "median_ratio_to_nanogpt": round(statistics.median(
-                       a / b for a, b in zip(values, tokens_per_sec["nanogpt"])), 3)}
-            for name, values in tokens_per_sec.items()}
+    for round_index in range(rounds):
+        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))  # no model always goes first
+        for name in order:
+            tokens_per_sec[name].append(BATCH_SIZE * shape[1] / time_steps(*runs[name], batch, steps, cpu))
+
+    def median_ratio(name: str, to: str) -> float:
+        return round(statistics.median(a / b for a, b in zip(tokens_per_sec[name], tokens_per_sec[to])), 3)
+
+    result = {name: {"median_tokens_per_sec": round(statistics.median(values), 1),
+                     "median_ratio_to_nanogpt": median_ratio(name, "nanogpt")}
+              for name, values in tokens_per_sec.items()}
+    if "nanogpt_compiled" in result:  # architecture against architecture, both compiled
+        result["ours_compiled"]["median_ratio_to_nanogpt_compiled"] = median_ratio("ours_compiled", "nanogpt_compiled")
+    return result
 
 
 def textbook_rope(x, cos, sin):
@@ -153,7 +163,8 @@ def main(argv=None):
                         help="torch.compile the model first (fuses the small element-wise operations; "
                              "about 20 s of compiling on a CPU)")
     parser.add_argument("--against_gpt2", action="store_true",
-                        help="time ours beside nanoGPT's GPT-2 in one process, alternating rounds")
+                        help="time ours beside nanoGPT's GPT-2 in one process, alternating rounds, "
+                             "each eager and compiled (no --compile needed)")
     parser.add_argument("--rounds", type=int, default=12, help="alternating rounds for --against_gpt2")
     parser.add_argument("--ops", action="store_true",
                         help="time single operations (RoPE, RMSNorm vs LayerNorm) instead of whole steps")
@@ -161,12 +172,14 @@ def main(argv=None):
                         help="list the operations a training step calls, with their counts and times")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    # --against_gpt2 and --profile time CPU steps: "auto" means the CPU for them, even beside a GPU
+    device = pick_device("cpu" if args.device == "auto" and (args.against_gpt2 or args.profile) else args.device)
     torch.manual_seed(args.seed)
     if args.ops:
         ops = {k: round(v, 1) for k, v in time_ops(20 if args.quick else 500).items()}
         print(f"one layer's small operations, forward + backward, on the CPU ({torch.get_num_threads()} threads):")
-        print(f"  RoPE on the queries, ours (3 ops) {ops['rope_us']:.0f} us, textbook (8 ops) {ops['textbook_rope_us']:.0f} us")
+        print(f"  RoPE on the queries, ours (3 ops) {ops['rope_us']:.0f} us, "
+              f"textbook (8 ops) {ops['textbook_rope_us']:.0f} us")
         print(f"  RMSNorm (ours) {ops['rms_norm_us']:.0f} us, LayerNorm (nanoGPT's, one fused kernel) "
               f"{ops['layer_norm_us']:.0f} us")
         if not args.quick:
@@ -175,15 +188,21 @@ def main(argv=None):
     if args.against_gpt2:
         if device.type != "cpu":
             raise UserError("--against_gpt2 compares CPU training steps: run it with --device cpu")
+        if args.rounds < 1:
+            raise UserError(f"--rounds {args.rounds}: need at least one round")
         rounds, steps = (2, 2) if args.quick else (args.rounds, 20)
         result = compare_with_gpt2(rounds, steps, compile_too=not args.quick)
         print(f"{rounds} alternating rounds of {steps} steps, nanoGPT's CPU recipe shape "
-              f"({torch.get_num_threads()} threads); median tokens/s, and median ratio to nanoGPT's recipe:")
+              f"({torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}); "
+              f"median tokens/s, and median ratio to nanoGPT's recipe:")
         for name, row in result.items():
-            print(f"  {name:<18} {row['median_tokens_per_sec']:>9,.0f}   {row['median_ratio_to_nanogpt']:.3f}")
+            print(f"  {name:<20} {row['median_tokens_per_sec']:>9,.0f}   {row['median_ratio_to_nanogpt']:.3f}")
+        if "nanogpt_compiled" in result:
+            print(f"  ours compiled / nanoGPT compiled, median per round: "
+                  f"{result['ours_compiled']['median_ratio_to_nanogpt_compiled']:.3f}")
         if not args.quick:
-            write_metrics(3, {**result, "rounds": rounds, "threads": torch.get_num_threads()},
-                          section="bench_against_gpt2")
+            settings = {"rounds": rounds, "steps_per_round": steps, "threads": torch.get_num_threads()}
+            write_metrics(3, {**result, **settings}, section="bench_against_gpt2")
         return result
     steps = 5 if args.quick else args.steps
     model = Transformer(ModelConfig(**NANOGPT_CPU)).to(device)

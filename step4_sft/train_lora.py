@@ -40,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--lora_alpha", type=float, default=16.0,
                         help="the update is scaled by alpha / r (default 16)")
     # 0 by default: on this small model LoRA underfits (validation loss close to the training loss),
-    # so dropout only slows it down. Measured: 0.05 scored 49.2 % overall, 0 scored 52.0 % (README).
+    # so dropout has nothing to guard against. Measured once each: 0.05 scored 49.2 % overall, 0 scored 52.0 %.
     parser.add_argument("--lora_dropout", type=float, default=0.0,
                         help="dropout on the LoRA branch's input while training (default 0)")
     parser.add_argument("--target_modules", default="wq,wv",
