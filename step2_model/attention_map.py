@@ -25,11 +25,10 @@ import torch
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.model import ModelConfig, Transformer, attention_maps, load_model
-from common import paths
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
-from step1_tokenizer.bpe import load_tokenizer, render_token
+from step1_tokenizer.bpe import TRAIN_COMMAND, default_tokenizer_path, load_tokenizer, render_token
 
 DEFAULT_TEXT = "Once upon a time, a small dragon lived by the river."
 QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
@@ -38,9 +37,9 @@ QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n
 def load_tokenizer_or_none(tokenizer_path):
     """(tokenizer or None, note): step 1's BPE tokenizer if its file loads."""
     explicit = tokenizer_path is not None
-    path = pathlib.Path(tokenizer_path) if explicit else paths.OUT_DIR / "tokenizer.json"
+    path = pathlib.Path(tokenizer_path) if explicit else default_tokenizer_path()
     if not path.exists() and not explicit:
-        return None, f"no tokenizer at {path} (run {next_command('python step1_tokenizer/train_tokenizer.py')})"
+        return None, f"no tokenizer at {path} (run {next_command(TRAIN_COMMAND)})"
     try:
         return load_tokenizer(path), f"BPE tokenizer {path}"
     except UserError as err:
