@@ -497,6 +497,15 @@ def attention_maps(model: Transformer, idx) -> list:
     return maps
 
 
+@torch.no_grad()
+def attention_entropy(model: Transformer, idx) -> list[float]:
+    """Mean entropy, in nats, of each layer's attention rows for token ids idx (B, T): how
+    spread out attention is. A row that reads n tokens evenly has entropy log(n); a row that
+    reads a single token has 0. Falling towards 0 across the board is "attention entropy
+    collapse", a known way for training to go wrong (step 4 README, LoRA's learning rate)."""
+    return [float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean()) for w in attention_maps(model, idx)]
+
+
 def count_parameters(model: Transformer) -> dict:
     """Measured parameter counts by part; a tied lm_head counts 0 (it is the embedding)."""
     parts = {"embedding": 0, "attention": 0, "ffn": 0, "norms": 0, "lm_head": 0, "other": 0}

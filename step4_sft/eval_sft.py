@@ -28,10 +28,12 @@ from tqdm import tqdm
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.metrics import read_metrics, write_metrics
+from common.model import attention_entropy
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from step1_tokenizer.bpe import load_tokenizer
 from step4_sft.chat import load_chat_model, reply
+from step4_sft.chat_template import encode_prompt
 from step4_sft.data import SkipReport, read_conversations, write_jsonl
 from step4_sft.tasks import TASKS, score
 from step4_sft.train_sft import file_mb
@@ -53,6 +55,15 @@ def evaluate(model, tokenizer, records: list[dict], desc: str = "eval") -> tuple
     accuracy = accuracy_by(replies, "task")
     accuracy["overall"] = round(sum(r["correct"] for r in replies) / max(1, len(replies)), 4)
     return accuracy, replies
+
+
+def prompt_attention_entropy(model, tokenizer, records: list[dict]) -> list[float]:
+    """Per layer, the mean attention entropy (nats) while reading the evaluation prompts: a
+    fine-tuning that drives it towards 0 has collapsed attention (step 4 README, LoRA)."""
+    device, window = next(model.parameters()).device, model.config.block_size
+    per_record = [attention_entropy(model, torch.tensor([encode_prompt(tokenizer, r["conversations"][:-1])[-window:]],
+                                                        device=device)) for r in records]
+    return [round(sum(layer) / len(per_record), 3) for layer in zip(*per_record)]
 
 
 def accuracy_by(replies: list[dict], key: str) -> dict:
@@ -146,7 +157,8 @@ def main(argv=None):
         accuracy, replies = evaluate(model, tokenizer, records, desc=section)
         write_jsonl(replies, out_dir / f"eval_{section}.jsonl")
         data = {"accuracy": accuracy, "accuracy_by_kind": accuracy_by(replies, "kind"), "n_items": len(records),
-                "eval_seconds": round(time.time() - started, 1)}
+                "eval_seconds": round(time.time() - started, 1),
+                "attention_entropy": prompt_attention_entropy(model, tokenizer, records)}
         if section == "base":  # no fine-tuning: nothing trained, the file is the step-3 model
             data.update(trainable_params=0, train_seconds=0.0, peak_memory_mb=None,
                         file_mb=file_mb(source["checkpoint"]))
@@ -154,6 +166,7 @@ def main(argv=None):
         if write:
             write_metrics(4, data, section=section)
         print(f"{section:>9}: " + "  ".join(f"{task} {100 * acc:.1f}%" for task, acc in accuracy.items()))
+        print(f"{'':>9}  attention entropy per layer (nats): {data['attention_entropy']}")
     metrics = read_metrics(4) if write else results
     if all("accuracy" in metrics.get(s, {}) for s in ("full_sft", "lora")):
         plot = plot_comparison(metrics, out_dir / "sft_vs_lora.png")

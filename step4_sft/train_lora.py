@@ -49,6 +49,8 @@ def main(argv=None):
     parser.add_argument("--no_token_rows", action="store_true",
                         help="do not train the embedding rows of <|im_start|> and <|im_end|> (pure LoRA; "
                              "the README measures what the two rows add)")
+    parser.add_argument("--weight_decay", type=float, default=0.0,
+                        help="AdamW weight decay on the LoRA matrices and token rows (default 0)")
     add_sft_args(parser, PROFILES)
     # No replay by default: it protects weights that fine-tuning changes, and LoRA leaves every
     # base weight frozen. Measured: with it, LoRA's tiny capacity went to the world text instead
@@ -65,7 +67,7 @@ def main(argv=None):
         rows = f" + {len(token_ids)} token rows" if token_ids else ""
         print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {len(wrapped)} layers ({','.join(targets)}){rows}: "
               f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.2f}")
-    result = run_sft(model, run, args.seed, args.resume, "lora", weight_decay=0.0)
+    result = run_sft(model, run, args.seed, args.resume, "lora", weight_decay=args.weight_decay)
     if not dist.is_main:
         return result
     adapter_path = run["out_dir"] / "lora_adapter.pt"

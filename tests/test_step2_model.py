@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import common.paths
 from common.checkpoint import save_checkpoint
 from common.cli import UserError
-from common.model import (Attention, KVCache, ModelConfig, Transformer, apply_rope, attention_maps,
-                          checkpoint_dict, count_parameters, kv_cache_bytes, load_model, next_token_probs,
-                          param_formula, rope_tables)
+from common.model import (Attention, KVCache, ModelConfig, Transformer, apply_rope, attention_entropy,
+                          attention_maps, checkpoint_dict, count_parameters, kv_cache_bytes, load_model,
+                          next_token_probs, param_formula, rope_tables)
 
 REPO = Path(__file__).resolve().parents[1]
 # Small but complete: GQA (4 query heads share 2 kv heads), 2 layers, tied embeddings.
@@ -338,6 +338,23 @@ def test_attention_maps_are_causal_distributions_that_reproduce_the_forward():
     _, _, v = block.attn.qkv(x, cos, sin)
     y = (maps[0] @ block.attn.expand_kv(v)).transpose(1, 2).reshape(1, 9, 32)
     torch.testing.assert_close(block.attn.wo(y), block.attn(x, cos, sin), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.verifies(2, "attention entropy is log n for a row that reads n tokens evenly, "
+                         "and near 0 when one key dominates")
+def test_attention_entropy_is_log_n_for_even_attention_and_falls_when_one_key_dominates():
+    model = tiny_model()
+    idx = torch.randint(0, TINY.vocab_size, (2, 9))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.wq.weight.zero_()  # every score 0: position i reads its i + 1 tokens evenly
+    even = sum(math.log(i + 1) for i in range(9)) / 9
+    assert attention_entropy(model, idx) == pytest.approx([even, even], abs=1e-5)
+    with torch.no_grad():  # each query head = 1000 x its key head: large scores, one key wins each row
+        for block in model.blocks:
+            per_kv_head = block.attn.wk.weight.view(TINY.n_kv_head, -1, TINY.n_embd)
+            block.attn.wq.weight.copy_(1000 * per_kv_head.repeat_interleave(2, dim=0).reshape(-1, TINY.n_embd))
+    assert max(attention_entropy(model, idx)) < 0.05
 
 
 def test_sampling_filters_exactly():

@@ -6,6 +6,7 @@ and a small BPE tokenizer + 2-layer model saved to a temporary folder for the sc
 """
 import io
 import json
+import math
 import re
 
 import pytest
@@ -442,6 +443,9 @@ def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
     for name, value in by_kind.items():  # the mean of the replies of that task and kind
         oks = [r["correct"] for r in replies if f"{r['task']}/{r['kind']}" == name]
         assert value == round(sum(oks) / len(oks), 4)
+    entropy = written["full_sft"]["attention_entropy"]  # per layer: above one-hot (0), below reading all evenly
+    config = load_model(files / "base.pt").config
+    assert len(entropy) == config.n_layer and all(0 < e < math.log(config.block_size) for e in entropy)
 
 
 @pytest.mark.verifies(4, "The step 4 notebook runs top to bottom")
