@@ -358,6 +358,8 @@ def test_adapter_round_trip_and_mismatches(tok, files, lora_run, tmp_path):
     save_checkpoint(edited, tmp_path / "edited.pt")
     with pytest.raises(UserError, match="rank 2 needs"):
         load_adapter(load_model(files / "base.pt"), tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="--weight_decay must be 0 or more, not -1"):
+        train_lora.main(script_args(files, tmp_path / "wd") + ["--weight_decay", "-1"])
 
 
 def test_save_adapter_holds_no_base_weights(byte_tok, tmp_path):
