@@ -80,7 +80,8 @@ def compare_with_gpt2(rounds: int, steps: int, compile_too: bool) -> dict:
         return model, nanogpt_optimizer(model, fused=fused_adamw)
 
     cpu, shape = torch.device("cpu"), (BATCH_SIZE, NANOGPT_CPU["block_size"])
-    batch = (torch.randint(0, 65, shape), torch.randint(0, 65, shape))
+    vocab = NANOGPT_CPU["vocab_size"]
+    batch = (torch.randint(0, vocab, shape), torch.randint(0, vocab, shape))
     # nanoGPT's model with our fused AdamW as well: the architectures alone
     runs = {"ours": ours(), "nanogpt": nanogpt(), "nanogpt_fused_adamw": nanogpt(fused_adamw=True)}
     if compile_too:  # separate copies, so the eager runs stay eager

@@ -8,7 +8,8 @@
 For each held-out conversation the model reads everything up to the last
 assistant turn and writes that turn itself (greedy decoding); the reply is
 scored by exact match (math: the number after "####"; see tasks.score).
-Results go to out/step4/metrics.json (sections base, full_sft, lora), the
+Results go to out/step4/metrics.json (sections base, full_sft, lora; with each
+layer's attention entropy over the prompts, step 4 README), the
 replies to out/step4/eval_<section>.jsonl, and once full SFT and LoRA are both
 scored, a comparison plot to out/step4/sft_vs_lora.png.
 """
