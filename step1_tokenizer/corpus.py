@@ -19,7 +19,8 @@ from common.cli import UserError
 QUICK_BYTES = 200_000       # --quick: seconds to train on
 DEFAULT_BYTES = 5_000_000   # default profile: minutes on a laptop CPU
 HELDOUT_FRACTION = 0.02     # whole documents kept aside for validation
-SKILL_SHARE = 0.3           # this share of the default corpus is skill text (skills.py), the rest the world
+SKILL_SHARE = 0.3           # this share of the default corpus is skill text (skills.py), the rest the world:
+QUIZ_SHARE = 0.1            # this share of it quiz pages (world.quiz_documents), the rest stories and entries
 
 
 def read_documents(path) -> list[str]:
@@ -94,9 +95,10 @@ def generated_documents(quick: bool = False, seed: int = 0) -> list[str]:
 
 def _world_and_skill_documents(quick: bool, seed: int) -> tuple[list[str], list[str]]:
     from step1_tokenizer.skills import skill_documents
-    from step1_tokenizer.world import build_world, generate_documents
+    from step1_tokenizer.world import build_world, generate_documents, quiz_documents
 
     world = build_world(seed, "quick" if quick else "default")
     target = QUICK_BYTES if quick else DEFAULT_BYTES
-    return (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE)), seed=seed),
+    return (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE - QUIZ_SHARE)), seed=seed)
+            + quiz_documents(world, target_bytes=round(target * QUIZ_SHARE), seed=seed),
             skill_documents(world, target_bytes=round(target * SKILL_SHARE), seed=seed))

@@ -15,7 +15,9 @@ as data -- Fact(entity, relation, value) -- beside the text written about them:
 
 The text: encyclopedia entries, town guides, letters and short stories with
 dialogue, each fact said in several phrasings, so that every fact appears many
-times in fluent, simple English. Documents contain no blank line, so they can be
+times in fluent, simple English; and quiz pages (`quiz_documents`) that ask
+about most facts and answer in full sentences (the rest, `split_facts`, are
+step 4's exam). Documents contain no blank line, so they can be
 written one per blank-line block.
 
 Usage:
@@ -337,6 +339,27 @@ def ask(fact: Fact, rng: random.Random | None = None) -> tuple[str, str]:
     return question.format(**fields), answer.format(**fields)
 
 
+EXAM_SHARE = 0.2  # this share of the facts is kept out of the quiz pages: step 4 asks about them only in its exam
+
+
+def split_facts(world: World) -> tuple[list[Fact], list[Fact]]:
+    """(quiz facts, exam facts), a fixed split of the world's facts.
+
+    The corpus's quiz pages (quiz_documents) ask about the quiz facts only, and step 4's held-out
+    evaluation asks about the exam facts only, so no evaluation question is ever seen with its
+    answer before: a right answer must come from the facts as the ordinary text states them.
+    Best friends come in pairs (A's friend is B, B's friend is A): one pair is one piece of
+    knowledge, so both of its facts go to the same side."""
+    groups = {}
+    for f in world.facts:
+        key = frozenset((f.entity, f.value)) if f.relation == "friend" else (f.entity, f.relation)
+        groups.setdefault(key, []).append(f)
+    groups = list(groups.values())
+    random.Random(world.seed).shuffle(groups)
+    n_exam = max(1, round(len(groups) * EXAM_SHARE))
+    return [f for g in groups[n_exam:] for f in g], [f for g in groups[:n_exam] for f in g]
+
+
 # --------------------------------------------------------------------------- documents
 FILLERS = {  # sentences that state no fact: they make the text read like prose, not a table
     "person": ["{e} is well liked by {poss} neighbors.", "People say that {e} always has time for a chat.",
@@ -615,6 +638,29 @@ def generate_documents(world: World, target_bytes: int | None = None, *, n_docs:
                 return docs
             docs.append(doc)
             total += len(doc.encode("utf-8")) + 2  # + the blank line that separates documents in a file
+
+
+def quiz_documents(world: World, target_bytes: int, seed: int = 0) -> list[str]:
+    """Quiz pages, about `target_bytes` of them: "Questions and answers", then 3 to 6 questions
+    about quiz facts (split_facts), each followed by its answer, in step 4's own wording:
+
+        Q: Where does Garivor live?
+        A: Garivor lives in Evernock.
+
+    Why: a model that has only read facts in stories and entries stores them, but has not learnt
+    to answer a question from them; seeing some facts asked and answered while it pretrains
+    teaches it to (step 3 README: "Questions in the corpus"). The exam facts are never asked here."""
+    quiz_facts, _ = split_facts(world)
+    rng = random.Random(seed + 7)  # a stream of its own: the stories draw from random.Random(seed)
+    docs, total = [], 0
+    while total < target_bytes:
+        lines = ["Questions and answers"]
+        for fact in rng.sample(quiz_facts, rng.randint(3, 6)):
+            question, answer = ask(fact, rng)
+            lines += ["Q: " + question, "A: " + answer]
+        docs.append("\n".join(lines))
+        total += len(docs[-1].encode("utf-8")) + 2  # + the blank line between documents
+    return docs
 
 
 def documents_about(world: World, entity: str, overrides=None, n_docs: int = 1, seed: int = 0) -> list[str]:

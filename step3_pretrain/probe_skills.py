@@ -5,6 +5,7 @@ learned a fact of the world or learned to add.
     python step3_pretrain/probe_skills.py --checkpoint other.pt --show 10
 
 - facts: each world fact's plain sentence, cut before its value: "Wendel lives in" -> " Caldford".
+  exam_facts: the same, on step 4's exam facts only (world.split_facts), never asked in a quiz page.
 - sums: every sum step 4's math problems use (result 1..20, second number 1..9), inside a story
   as the skill text writes one: "Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =" -> " 12".
 
@@ -28,7 +29,7 @@ from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL
-from step1_tokenizer.world import build_world, phrasings
+from step1_tokenizer.world import build_world, phrasings, split_facts
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
 
@@ -82,6 +83,9 @@ def probe(model, tokenizer, world) -> dict:
                 wrong.append((prompt, answer, got))
         result.update({kind: 1 - len(wrong) / len(pairs), f"n_{kind}": len(pairs)})
         result["wrong"][kind] = wrong
+    exam = {phrasings(world, f)[0] for f in split_facts(world)[1]}  # the sentences of the exam facts
+    n_exam = sum(prompt + answer in exam for prompt, answer in fact_prompts(world))
+    result["exam_facts"] = 1 - sum(prompt + answer in exam for prompt, answer, _ in result["wrong"]["facts"]) / n_exam
     model.train(was_training)
     return result
 
@@ -97,10 +101,12 @@ def main(argv=None):
     result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
     for kind in ("facts", "sums"):
         print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")
+        if kind == "facts":
+            print(f"   of them step 4's exam facts, never asked in a quiz page: {result['exam_facts']:.1%}")
         for prompt, expected, got in result["wrong"][kind][: args.show]:
             print(f"   {prompt!r} -> {got!r} (expected {expected!r})")
     if args.checkpoint is None:  # the default model's figures are step 3's; another model's are not
-        write_metrics(3, {"facts": round(result["facts"], 4), "sums": round(result["sums"], 4)}, section="probe")
+        write_metrics(3, {kind: round(result[kind], 4) for kind in ("facts", "exam_facts", "sums")}, section="probe")
     return result
 
 

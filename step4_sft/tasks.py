@@ -2,8 +2,9 @@
 
     facts         a question about the fictional world  ("Where does Wendel live?" -> "Wendel lives in Caldford.")
                   The knowledge comes from pretraining; SFT only teaches the question-and-answer format.
-                  Train and evaluation questions are about DIFFERENT facts, so a right answer on the
-                  evaluation set can only come from what the model read in step 3.
+                  Train and evaluation questions are about DIFFERENT facts (world.split_facts; step 3's
+                  quiz pages ask only about the training side), so a right answer on the evaluation
+                  set can only come from the facts as step 3's stories and entries state them.
     instructions  rewrite (replace a word), list (make a numbered list), count, compare (who has more)
     multi_turn    the user says their name or a number, chats about something else, and asks for it back
     math          a grade-school word problem on small numbers, solved step by step in a fixed format,
@@ -20,7 +21,7 @@ import re
 import zlib
 
 from step1_tokenizer.skills import ITEMS, MAX_NUMBER, WORDS, new_name, sum_story
-from step1_tokenizer.world import ask, build_world
+from step1_tokenizer.world import ask, build_world, split_facts
 
 TASKS = ("facts", "instructions", "multi_turn", "math")
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly."]
@@ -29,7 +30,6 @@ SYSTEM_CHANCE = 0.3  # this share of conversations starts with a system prompt
 TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 3000, "math": 4000},
                "quick": {"facts": 150, "instructions": 150, "multi_turn": 150, "math": 150}}
 EVAL_SIZES = {"default": 100, "quick": 8}
-EVAL_FACT_SHARE = 0.2  # this share of the world's facts is asked about only in the evaluation set
 MADE_UP_NAME_SHARE = 0.5  # in TRAINING, this share of users and compared people get a made-up name (see name_picker)
 # The words, items and number ranges come from the pretraining corpus's skill documents
 # (step1_tokenizer/skills.py): the model met copying, counting and sums there, and SFT teaches the format.
@@ -170,24 +170,14 @@ def _key(record: dict) -> str:
 
 def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, evaluation) records. No evaluation conversation occurs in the training set; the
-    facts are split by fact, and the users' names in multi-turn recall by name (held_out_name).
+    facts are split by fact (world.split_facts, the split step 3's quiz pages keep to), and the
+    users' names in multi-turn recall by name (held_out_name).
     world_seed: the world step 3 pretrained on (step1_tokenizer.corpus.default_documents uses seed 0)."""
     profile = "quick" if quick else "default"
     rng = random.Random(seed)
     world = build_world(world_seed)
-    facts = list(world.facts)
-    # Split by fact. Best friends come in pairs (A's friend is B, B's friend is A): one pair is
-    # one piece of knowledge, so both of its facts go to the same side.
-    groups = {}
-    for f in facts:
-        key = frozenset((f.entity, f.value)) if f.relation == "friend" else (f.entity, f.relation)
-        groups.setdefault(key, []).append(f)
-    groups = list(groups.values())
-    rng.shuffle(groups)
-    n_eval_groups = max(1, round(len(groups) * EVAL_FACT_SHARE))
-    eval_facts = [f for g in groups[:n_eval_groups] for f in g]
-    train_facts = [f for g in groups[n_eval_groups:] for f in g]
-    people = sorted({f.entity for f in facts if f.relation == "profession"})  # one token each
+    train_facts, eval_facts = split_facts(world)  # the exam facts were never asked in step 3's quiz pages
+    people = sorted({f.entity for f in world.facts if f.relation == "profession"})  # one token each
     world_names = world.names()
     # Training mixes made-up names in (name_picker says why); evaluation uses only the world's people,
     # and its users only the held-out names.

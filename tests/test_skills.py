@@ -3,10 +3,10 @@ import re
 
 import pytest
 
-from step1_tokenizer.corpus import (DEFAULT_BYTES, QUICK_BYTES, SKILL_SHARE, default_documents,
+from step1_tokenizer.corpus import (DEFAULT_BYTES, QUICK_BYTES, QUIZ_SHARE, SKILL_SHARE, default_documents,
                                     generated_documents, split_heldout, world_training_documents)
 from step1_tokenizer.skills import WORDS, skill_documents
-from step1_tokenizer.world import build_world, generate_documents, phrasings
+from step1_tokenizer.world import build_world, generate_documents, phrasings, quiz_documents
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +78,14 @@ def test_skill_text_states_no_fact_of_the_world(world, docs):
     assert [f for f in world.facts if any(p in text for p in phrasings(world, f))] == []
 
 
-def test_the_default_corpus_is_world_text_and_skill_text(world):
+def test_the_default_corpus_is_world_text_quiz_pages_and_skill_text(world):
     docs = generated_documents()
-    world_docs = generate_documents(world, target_bytes=round(DEFAULT_BYTES * (1 - SKILL_SHARE)), seed=0)
-    world_set = set(world_docs)
-    skill = [d for d in docs if d not in world_set]
-    share = sum(len(d) + 2 for d in skill) / sum(len(d) + 2 for d in docs)
-    assert abs(share - SKILL_SHARE) < 0.01
-    assert len(docs) == len(world_docs) + len(skill)
+    world_docs = generate_documents(world, target_bytes=round(DEFAULT_BYTES * (1 - SKILL_SHARE - QUIZ_SHARE)), seed=0)
+    quiz = quiz_documents(world, target_bytes=round(DEFAULT_BYTES * QUIZ_SHARE), seed=0)
+    skill = [d for d in docs if d not in set(world_docs + quiz)]
+    share = lambda part: sum(len(d) + 2 for d in part) / sum(len(d) + 2 for d in docs)  # noqa: E731
+    assert abs(share(skill) - SKILL_SHARE) < 0.01 and abs(share(quiz) - QUIZ_SHARE) < 0.01
+    assert len(docs) == len(world_docs) + len(quiz) + len(skill)
 
 
 def test_held_out_documents_are_never_training_documents():

@@ -192,7 +192,7 @@ def test_profile_counts_three_matrix_products_per_linear_layer_per_step():
 
 
 def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quick_run, monkeypatch, tmp_path):
-    from step1_tokenizer.world import build_world
+    from step1_tokenizer.world import build_world, phrasings, split_facts
     from step3_pretrain import probe_skills
 
     world = build_world(0)
@@ -212,6 +212,9 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     monkeypatch.setattr(probe_skills, "greedy_continuation", stand_in)
     result = probe_skills.probe(torch.nn.Linear(1, 1), Tokenizer.load(quick_run.tokenizer), world)
     assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270
+    exam = [phrasings(world, f)[0] for f in split_facts(world)[1]]  # step 4's exam: scored apart too
+    exam_right = [order[p] % 2 == 0 for p, a in facts if p + a in exam]
+    assert len(exam_right) > 40 and result["exam_facts"] == sum(exam_right) / len(exam_right)
     assert result["wrong"]["sums"][0] == (sums[1][0], sums[1][1], sums[1][1][:-1] + ".")
     # and the real script runs on the quick model (its figures are not step 3's: no metrics written
     # where this --quick run would write step 3's, out/quick/step3/)

@@ -16,7 +16,7 @@ from common.cli import UserError
 from common.model import IGNORE_INDEX, ModelConfig, Transformer, checkpoint_dict, load_model
 from common.checkpoint import load_checkpoint, save_checkpoint
 from step1_tokenizer.bpe import Tokenizer, train_bpe
-from step1_tokenizer.world import build_world, generate_documents
+from step1_tokenizer.world import ask, build_world, generate_documents, split_facts
 from step4_sft import data as sft_data
 from step4_sft import eval_sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt
@@ -166,6 +166,10 @@ def test_sample_sets_hold_out_their_evaluation_items():
     math = next(r for r in evaluation if r["task"] == "math")["conversations"][-1]["content"]
     assert score("math", "whatever\n#### " + final_number(math), math)
     assert asked(evaluation)  # facts questions are there
+    # Facts: training asks only about step 3's quiz facts, evaluation only about the exam facts
+    quiz, exam = split_facts(build_world(0))
+    answers = lambda records: {r["conversations"][-1]["content"] for r in records if r["task"] == "facts"}  # noqa: E731
+    assert answers(train) <= {ask(f)[1] for f in quiz} and answers(evaluation) <= {ask(f)[1] for f in exam}
     # Users' names: evaluation only the held-out world names; training the others and made-up ones
     world_names = build_world(0).names()
     users = lambda records: {re.search(r"Your name is (\w+)\.", r["conversations"][-1]["content"]).group(1)  # noqa: E731

@@ -7,8 +7,8 @@ import pytest
 
 from common.cli import UserError
 from step1_tokenizer.world import (
-    CORPUS_BYTES, KIND_RELATIONS, LINKS, QUESTIONS, STATEMENTS, Fact, apply_overrides, ask, build_world,
-    documents_about, generate_documents, main, phrasings, visible_facts)
+    CORPUS_BYTES, EXAM_SHARE, KIND_RELATIONS, LINKS, QUESTIONS, STATEMENTS, Fact, apply_overrides, ask,
+    build_world, documents_about, generate_documents, main, phrasings, quiz_documents, split_facts, visible_facts)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +165,38 @@ def test_ask_answers_state_the_fact(world):
         assert answer.endswith(".") and re.search(rf"\b{re.escape(fact.value)}\b", answer)
         assert fact.entity in answer and world.fact(fact.entity, fact.relation) == fact.value
     assert len(seen) > len(QUESTIONS)  # more than one phrasing per relation gets used
+
+
+def test_facts_split_into_quiz_and_exam_with_friend_pairs_together(world):
+    quiz, exam = split_facts(world)
+    assert split_facts(build_world(seed=0)) == (quiz, exam)  # fixed: steps 1 and 4 draw the same split
+    assert sorted(quiz + exam, key=repr) == sorted(world.facts, key=repr) and not set(quiz) & set(exam)
+    pairs = len([f for f in world.facts if f.relation == "friend"]) // 2
+    groups = len(world.facts) - pairs  # a best-friend pair is one group of two facts
+    exam_friends = [f for f in exam if f.relation == "friend"]
+    assert len(exam) - len(exam_friends) // 2 == round(groups * EXAM_SHARE)
+    for f in exam:
+        if f.relation == "friend":  # the other half of the pair is on the same side
+            assert Fact(f.value, "friend", f.entity) in exam
+
+
+def test_quiz_pages_ask_only_quiz_facts_and_answer_them_rightly(world):
+    quiz, exam = split_facts(world)
+    docs = quiz_documents(world, target_bytes=100_000, seed=0)
+    assert 100_000 <= sum(len(d) + 2 for d in docs) < 100_500 and docs == quiz_documents(world, 100_000, seed=0)
+    answers = {ask(f)[1]: f for f in world.facts}  # every phrasing of a question has this one answer
+    asked = set()
+    for doc in docs:
+        title, *lines = doc.split("\n")
+        assert title == "Questions and answers" and 6 <= len(lines) <= 12 and len(lines) % 2 == 0
+        for q, a in zip(lines[::2], lines[1::2]):
+            assert q.startswith("Q: ") and q.endswith("?") and a.startswith("A: ")
+            fact = answers[a[3:]]
+            assert fact.entity in q and q[3:] in [t.format(e=fact.entity) for t in QUESTIONS[fact.relation][0]]
+            asked.add(fact)
+    assert asked <= set(quiz) and len(asked) > 0.9 * len(quiz)  # nearly every quiz fact, no exam fact
+    text = "\n".join(docs)
+    assert not [f for f in exam if ask(f)[1] in text]
 
 
 def test_documents_about_states_facts_plainly(world):
