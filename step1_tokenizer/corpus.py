@@ -19,8 +19,9 @@ from common.cli import UserError
 QUICK_BYTES = 200_000       # --quick: seconds to train on
 DEFAULT_BYTES = 5_000_000   # default profile: minutes on a laptop CPU
 HELDOUT_FRACTION = 0.02     # whole documents kept aside for validation
-SKILL_SHARE = 0.3           # this share of the default corpus is skill text (skills.py), the rest the world:
-QUIZ_SHARE = 0.1            # this share of it quiz pages (world.quiz_documents), the rest stories and entries
+SKILL_SHARE = 0.3           # share of the default corpus that is skill text (skills.py)
+QUIZ_SHARE = 0.1            # share of the default corpus that is quiz pages (world.quiz_documents)
+                            # (the rest, 60 %, is the world's stories and entries)
 
 
 def read_documents(path) -> list[str]:
@@ -78,13 +79,15 @@ def default_documents(quick: bool = False, seed: int = 0) -> tuple[list[str], li
 
 
 def world_training_documents(quick: bool = False, seed: int = 0) -> list[str]:
-    """The world documents (the ones that state facts) of default_documents' training split."""
+    """The world documents (stories, entries and quiz pages: the ones that state facts) of
+    default_documents' training split."""
     world_docs = set(_world_and_skill_documents(quick, seed)[0])
     return [d for d in default_documents(quick, seed)[0] if d in world_docs]
 
 
 def generated_documents(quick: bool = False, seed: int = 0) -> list[str]:
-    """World documents (the facts) and skill documents (copying, counting, sums) shuffled together."""
+    """World documents (stories, entries and quiz pages: the facts) and skill documents (copying,
+    counting, sums) shuffled together."""
     import random
 
     world_docs, skill_docs = _world_and_skill_documents(quick, seed)

@@ -348,6 +348,8 @@ def split_facts(world: World) -> tuple[list[Fact], list[Fact]]:
     The corpus's quiz pages (quiz_documents) ask about the quiz facts only, and step 4's held-out
     evaluation asks about the exam facts only, so no evaluation question is ever seen with its
     answer before: a right answer must come from the facts as the ordinary text states them.
+    (Step 4 asks about the default world; a --quick corpus's quiz pages split the quick world on
+    their own, so that promise holds for the default corpus.)
     Best friends come in pairs (A's friend is B, B's friend is A): one pair is one piece of
     knowledge, so both of its facts go to the same side."""
     groups = {}

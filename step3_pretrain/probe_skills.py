@@ -85,7 +85,8 @@ def probe(model, tokenizer, world) -> dict:
         result["wrong"][kind] = wrong
     exam = {phrasings(world, f)[0] for f in split_facts(world)[1]}  # the sentences of the exam facts
     n_exam = sum(prompt + answer in exam for prompt, answer in fact_prompts(world))
-    result["exam_facts"] = 1 - sum(prompt + answer in exam for prompt, answer, _ in result["wrong"]["facts"]) / n_exam
+    wrong_exam = sum(prompt + answer in exam for prompt, answer, _ in result["wrong"]["facts"])
+    result["exam_facts"] = 1 - wrong_exam / n_exam if n_exam else float("nan")  # nan: no exam fact to probe
     model.train(was_training)
     return result
 
