@@ -76,7 +76,8 @@ def main(argv=None):
         source = str(args.input)
     else:
         train_docs, heldout_docs = default_documents(quick=args.quick, seed=args.seed)
-        source = f"the generated corpus: world text, quiz pages, skill text (seed {args.seed}{', --quick' if args.quick else ''})"
+        quick = ", --quick" if args.quick else ""
+        source = f"the generated corpus: world text, quiz pages, skill text (seed {args.seed}{quick})"
     if not heldout_docs:  # a file with a single document: measure on the training text
         heldout_docs = train_docs
     print(f"training on {source}: {len(train_docs)} documents, {num_bytes(train_docs) / 1e6:.2f} MB, "

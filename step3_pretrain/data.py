@@ -92,7 +92,8 @@ def load_tokens(data_dir, split: str, tokenizer_path=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="a UTF-8 text file (documents separated by blank lines) or JSONL with "
-                                        '{"text": ...}; default: the generated corpus (world text, quiz pages, skill text)')
+                                        '{"text": ...}; default: the generated corpus '
+                                        "(world text, quiz pages, skill text)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3)")
     add_common_args(parser)

@@ -353,7 +353,8 @@ def test_attention_entropy_is_log_n_for_even_attention_and_falls_when_one_key_do
     with torch.no_grad():  # each query head = 1000 x its key head: large scores, one key wins each row
         for block in model.blocks:
             per_kv_head = block.attn.wk.weight.view(TINY.n_kv_head, -1, TINY.n_embd)
-            block.attn.wq.weight.copy_(1000 * per_kv_head.repeat_interleave(TINY.n_head // TINY.n_kv_head, dim=0).reshape(-1, TINY.n_embd))
+            per_query_head = per_kv_head.repeat_interleave(TINY.n_head // TINY.n_kv_head, dim=0)
+            block.attn.wq.weight.copy_(1000 * per_query_head.reshape(-1, TINY.n_embd))
     assert max(attention_entropy(model, idx)) < 0.05
 
 
