@@ -8,6 +8,9 @@ learned a fact of the world or learned to add.
   exam_facts: the same, on step 4's exam facts only (world.split_facts), never asked in a quiz page.
 - sums: every sum step 4's math problems use (result 1..20, second number 1..9), inside a story
   as the skill text writes one: "Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =" -> " 12".
+- exam_questions: step 4's exam facts asked as a quiz page asks its questions, the whole answer
+  expected: "Questions and answers\nQ: Where does Wendel live?\nA:" -> " Wendel lives in Caldford."
+  What the base model can answer in the layout it read; step 4's SFT teaches the chat layout.
 
 The model answers greedily (its single likeliest continuation). Why measure this: fine-tuning
 (step 4) turns what the base model knows into answers; it can teach a little, but a base model that
@@ -29,9 +32,10 @@ from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL
-from step1_tokenizer.world import build_world, phrasings, split_facts
+from step1_tokenizer.world import ask, build_world, phrasings, split_facts
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
+KINDS = ("facts", "sums", "exam_questions")
 
 
 def fact_prompts(world) -> list[tuple[str, str]]:
@@ -42,6 +46,12 @@ def fact_prompts(world) -> list[tuple[str, str]]:
         if sentence.endswith(" " + fact.value):
             pairs.append((sentence[: -len(fact.value) - 1], " " + fact.value))
     return pairs
+
+
+def exam_question_prompts(world) -> list[tuple[str, str]]:
+    """(prompt, expected answer) for every exam fact, asked as world.quiz_documents writes a question."""
+    return [(f"Questions and answers\nQ: {question}\nA:", " " + answer)
+            for question, answer in map(ask, split_facts(world)[1])]
 
 
 def sum_prompts() -> list[tuple[str, str]]:
@@ -74,7 +84,8 @@ def probe(model, tokenizer, world) -> dict:
     was_training = model.training
     model.eval()
     result = {"wrong": {}}
-    for kind, pairs in (("facts", fact_prompts(world)), ("sums", sum_prompts())):
+    for kind, pairs in (("facts", fact_prompts(world)), ("sums", sum_prompts()),
+                        ("exam_questions", exam_question_prompts(world))):
         wrong = []
         for prompt, answer in pairs:
             # a few tokens more than the answer takes, in case the model spells it in more pieces
@@ -100,14 +111,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
     result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
-    for kind in ("facts", "sums"):
+    for kind in KINDS:
         print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")
         if kind == "facts":
             print(f"   of them step 4's exam facts, never asked in a quiz page: {result['exam_facts']:.1%}")
         for prompt, expected, got in result["wrong"][kind][: args.show]:
             print(f"   {prompt!r} -> {got!r} (expected {expected!r})")
     if args.checkpoint is None:  # the default model's figures are step 3's; another model's are not
-        write_metrics(3, {kind: round(result[kind], 4) for kind in ("facts", "exam_facts", "sums")}, section="probe")
+        write_metrics(3, {kind: round(result[kind], 4) for kind in KINDS + ("exam_facts",)}, section="probe")
     return result
 
 

@@ -27,7 +27,7 @@ from common.device import pick_device
 from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
-from step4_sft.chat_template import encode_prompt
+from step4_sft.chat_template import decode_reply, encode_prompt
 from step4_sft.lora import load_adapter, merge_lora
 
 MAKE_SFT = "python step4_sft/train_sft.py"
@@ -79,12 +79,12 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = R
         if int(token) == tokenizer.im_end_id:
             break
         new_ids.append(int(token))
-        text = tokenizer.decode(new_ids)
+        text = decode_reply(tokenizer, new_ids)
         if text.endswith("\ufffd"):  # a character cut in the middle of its UTF-8 bytes: wait for the rest
             continue
         yield text[len(shown):]
         shown = text
-    text = tokenizer.decode(new_ids)
+    text = decode_reply(tokenizer, new_ids)
     if text != shown:
         yield text[len(shown):]
 

@@ -5,16 +5,17 @@ conversations written in one fixed layout (ChatML, the layout of Qwen and
 minimind):
 
     <|im_start|>system
-    You are a helpful assistant.<|im_end|>
+     You are a helpful assistant.<|im_end|>
     <|im_start|>user
-    What is 2 + 3?<|im_end|>
+     Where does Mirven live?<|im_end|>
     <|im_start|>assistant
-    2 + 3 = 5<|im_end|>
+     Mirven lives in Thornley.<|im_end|>
 
-<|im_start|> and <|im_end|> are special tokens (one id each). Only this module
-inserts them: the role names and the contents are encoded as ordinary text,
-so a user who types "<|im_end|>" gets plain bytes and cannot end a turn or
-pretend to be the assistant.
+Every content starts with one space (CONTENT_PREFIX, below); a reply is
+shown without it. <|im_start|> and <|im_end|> are special tokens (one id
+each). Only this module inserts them: the role names and the contents are
+encoded as ordinary text, so a user who types "<|im_end|>" gets plain bytes
+and cannot end a turn or pretend to be the assistant.
 
 The loss mask is 1 exactly on the tokens the model should learn to WRITE: the
 content of every assistant turn and the <|im_end|> that closes it (so the
@@ -33,6 +34,13 @@ from common.cli import UserError
 from common.model import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
+# Why a space before every content: our tokenizer, like GPT-2's, glues a word to the space before it,
+# so " Mirven" (mid-sentence, as in "Where does Mirven live?") and "Mirven" (first on a line) are two
+# different tokens. Without the space, an answer that starts by repeating a name from the question
+# must turn one token into another; with it, it copies the same token, as the model did in every
+# "Q: ... A: ..." page of step 3. SentencePiece's "dummy prefix" (Llama's tokenizer) does the same.
+# LoRA, which cannot learn that mapping well, gains most (step 4 README, "A space before every message").
+CONTENT_PREFIX = " "
 
 
 def conversation_problem(messages) -> str | None:
@@ -74,7 +82,7 @@ def encode_turn(tokenizer, message: dict) -> tuple[list[int], list[int]]:
     Each piece is encoded on its own, so the mask boundaries fall exactly on
     token boundaries (a BPE merge can never glue the header to the content)."""
     header = encode_header(tokenizer, message["role"])
-    content = tokenizer.encode_ordinary(message["content"])  # ordinary: special-token text stays plain bytes
+    content = tokenizer.encode_ordinary(CONTENT_PREFIX + message["content"])  # ordinary: "<|im_end|>" stays bytes
     end = [tokenizer.im_end_id]
     newline = tokenizer.encode_ordinary("\n")
     trained = 1 if message["role"] == "assistant" else 0
@@ -114,9 +122,14 @@ def encode_prompt(tokenizer, messages) -> list[int]:
     return ids + encode_header(tokenizer, "assistant")
 
 
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """The text of a reply's ids (as the model wrote them, after the header), without CONTENT_PREFIX."""
+    return tokenizer.decode(ids).removeprefix(CONTENT_PREFIX)
+
+
 def render_conversation(messages, add_generation_prompt: bool = False) -> str:
     """The same layout as text, with the special tokens written out: for reading, not for encoding."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    text = "".join(f"<|im_start|>{m['role']}\n{CONTENT_PREFIX}{m['content']}<|im_end|>\n" for m in messages)
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 

@@ -192,7 +192,7 @@ def test_profile_counts_three_matrix_products_per_linear_layer_per_step():
 
 
 def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quick_run, monkeypatch, tmp_path):
-    from step1_tokenizer.world import build_world, phrasings, split_facts
+    from step1_tokenizer.world import ask, build_world, phrasings, split_facts
     from step3_pretrain import probe_skills
 
     world = build_world(0)
@@ -200,9 +200,14 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     assert len(sums) == 270 and ("Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =", " 12") in sums
     assert ("Belwen has 12 apples. Then Belwen gives 9 away: 12 - 9 =", " 3") in sums
     assert ("Wendel lives in", " Caldford") in facts and len(facts) == 276
+    questions = probe_skills.exam_question_prompts(world)  # step 4's exam questions, as a quiz page asks
+    exam_answers = {ask(f)[1] for f in split_facts(world)[1]}
+    assert len(questions) == len(exam_answers) == 56 and {a[1:] for _, a in questions} == exam_answers
+    assert all(p.startswith("Questions and answers\nQ: ") and p.endswith("?\nA:") for p, _ in questions)
     # A stand-in model: right on every other prompt (the answer, then more text), and on the rest
     # one character short (" 1." for " 12") or one too long (" Caldfordx"): both must count as wrong.
-    answers, order = dict(facts + sums), {p: i for i, (p, _) in enumerate(facts + sums)}
+    answers = dict(facts + sums + questions)
+    order = {p: i for i, (p, _) in enumerate(facts + sums + questions)}
 
     def stand_in(model, tokenizer, prompt, n_tokens):
         answer = answers[prompt]
@@ -211,7 +216,7 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
         return answer[:-1] + "." if prompt.endswith("=") else answer + "x"
     monkeypatch.setattr(probe_skills, "greedy_continuation", stand_in)
     result = probe_skills.probe(torch.nn.Linear(1, 1), Tokenizer.load(quick_run.tokenizer), world)
-    assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270
+    assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270 and result["exam_questions"] == 28 / 56
     exam = [phrasings(world, f)[0] for f in split_facts(world)[1]]  # step 4's exam: scored apart too
     exam_right = [order[p] % 2 == 0 for p, a in facts if p + a in exam]
     assert len(exam_right) > 40 and result["exam_facts"] == sum(exam_right) / len(exam_right)

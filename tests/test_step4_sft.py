@@ -20,7 +20,7 @@ from step1_tokenizer.world import ask, build_world, generate_documents, split_fa
 from step4_sft import data as sft_data
 from step4_sft import eval_sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt
-from step4_sft.chat_template import encode_conversation, encode_prompt, shift_labels
+from step4_sft.chat_template import decode_reply, encode_conversation, encode_prompt, shift_labels
 from step3_pretrain.data import load_tokens, prepare
 from step4_sft.data import Example, collate, load_examples, mask_table, sft_batch
 from step4_sft.lora import (LoRALinear, TokenRows, adapter_dict, apply_lora, count_trainable, load_adapter,
@@ -84,21 +84,40 @@ def lora_run(files, tmp_path_factory):
                          "example with a system prompt")
 def test_mask_equals_assistant_spans(byte_tok):
     ids, mask = encode_conversation(byte_tok, CONVERSATION)
-    # <|im_start|>system\nBe kind.<|im_end|>\n = 18 tokens (0-17), the user turn "Hi" 10 (18-27),
-    # <|im_start|>assistant\n = 28-38, "Yo" = 39-40, <|im_end|> = 41, \n = 42,
-    # user "2+2?" 43-54, <|im_start|>assistant\n = 55-65, "4" = 66, <|im_end|> = 67, \n = 68.
-    assert len(ids) == 69
-    assert ids[28] == ids[55] == byte_tok.im_start_id
-    assert bytes(ids[29:39]) == bytes(ids[56:66]) == b"assistant\n"
-    assert ids[39:42] == [ord("Y"), ord("o"), byte_tok.im_end_id]
-    assert ids[66:68] == [ord("4"), byte_tok.im_end_id]
-    assert mask == [1 if pos in (39, 40, 41, 66, 67) else 0 for pos in range(69)]
+    # every content starts with CONTENT_PREFIX, one space:
+    # <|im_start|>system\n" Be kind."<|im_end|>\n = 19 tokens (0-18), the user turn " Hi" 11 (19-29),
+    # <|im_start|>assistant\n = 30-40, " Yo" = 41-43, <|im_end|> = 44, \n = 45,
+    # user " 2+2?" 46-58, <|im_start|>assistant\n = 59-69, " 4" = 70-71, <|im_end|> = 72, \n = 73.
+    assert len(ids) == 74
+    assert ids[30] == ids[59] == byte_tok.im_start_id
+    assert bytes(ids[31:41]) == bytes(ids[60:70]) == b"assistant\n"
+    assert ids[41:45] == [ord(" "), ord("Y"), ord("o"), byte_tok.im_end_id]
+    assert ids[70:73] == [ord(" "), ord("4"), byte_tok.im_end_id]
+    assert mask == [1 if pos in (41, 42, 43, 44, 70, 71, 72) else 0 for pos in range(74)]
     # after the one shift, position t is scored on ids[t+1]: the header's last token (the newline,
     # mask 0) is the position trained to write the answer's first token
     inputs, targets = shift_labels(torch.tensor(ids), torch.tensor(mask))
     assert inputs.tolist() == ids[:-1]
-    expected = {38: ord("Y"), 39: ord("o"), 40: byte_tok.im_end_id, 65: ord("4"), 66: byte_tok.im_end_id}
-    assert targets.tolist() == [expected.get(t, IGNORE_INDEX) for t in range(68)]
+    expected = {40: ord(" "), 41: ord("Y"), 42: ord("o"), 43: byte_tok.im_end_id,
+                69: ord(" "), 70: ord("4"), 71: byte_tok.im_end_id}
+    assert targets.tolist() == [expected.get(t, IGNORE_INDEX) for t in range(73)]
+
+
+@pytest.mark.verifies(4, "An answer that repeats a name from the question repeats its very tokens (the space "
+                         "before every message), and the reply is shown without that space")
+def test_answer_repeats_the_question_s_name_as_the_same_tokens(tok):
+    # The reason for CONTENT_PREFIX: "Mirven" first on a line and " Mirven" mid-sentence are
+    # different tokens. With the prefix, the answer's opening name is the question's own tokens.
+    person = build_world(0, "quick").names("person")[0]
+    question, answer = f"Where does {person} live?", f"{person} lives in a town."
+    ids, mask = encode_conversation(tok, [{"role": "user", "content": question},
+                                          {"role": "assistant", "content": answer}])
+    name_ids = tok.encode_ordinary(" " + person)  # mid-sentence, as in the question
+    assert tok.encode_ordinary(person) != name_ids  # first on a line: other tokens
+    first_answer_token = mask.index(1)
+    assert ids[first_answer_token:first_answer_token + len(name_ids)] == name_ids
+    assert any(ids[i:i + len(name_ids)] == name_ids for i in range(first_answer_token - len(name_ids)))
+    assert decode_reply(tok, ids[first_answer_token:-2]) == answer  # the reply as shown: no leading space
 
 
 def test_special_token_text_in_content_stays_plain_bytes(byte_tok):
@@ -106,14 +125,14 @@ def test_special_token_text_in_content_stays_plain_bytes(byte_tok):
                 {"role": "assistant", "content": "ok"}]
     ids, mask = encode_conversation(byte_tok, messages)
     specials = [pos for pos, i in enumerate(ids) if i >= 256]
-    assert specials == [0, 37, 39, 52]  # only the template's own four markers
-    assert bytes(ids[6:37]) == b"<|im_end|><|im_start|>assistant"
+    assert specials == [0, 38, 40, 54]  # only the template's own four markers
+    assert bytes(ids[6:38]) == b" <|im_end|><|im_start|>assistant"
 
 
 def test_truncation_drops_whole_trailing_turns(byte_tok):
     full, _ = encode_conversation(byte_tok, CONVERSATION)
     ids, mask = encode_conversation(byte_tok, CONVERSATION, max_tokens=60)  # the second answer does not fit
-    assert ids == full[:43] and mask[-3:] == [1, 1, 0]
+    assert ids == full[:46] and mask[-3:] == [1, 1, 0]
     assert encode_conversation(byte_tok, CONVERSATION, max_tokens=40) == ([], [])  # not even the first answer
 
 
@@ -129,7 +148,7 @@ def test_masked_positions_get_zero_gradient(byte_tok):
     logits.retain_grad()
     loss.backward()
     scored = batch["targets"] != IGNORE_INDEX
-    assert scored.sum() == 5 + 6  # "Yo"<|im_end|> "4"<|im_end|> and "Hello"<|im_end|>
+    assert scored.sum() == 7 + 7  # " Yo"<|im_end|> " 4"<|im_end|> and " Hello"<|im_end|>
     grad_norm = logits.grad.abs().sum(-1)
     assert torch.all(grad_norm[~scored] == 0)
     assert torch.all(grad_norm[scored] > 0)
@@ -424,7 +443,7 @@ def test_chat_says_when_the_oldest_turns_are_left_out(byte_tok):
     model = Transformer(tiny_config(byte_tok.vocab_size, block_size=96)).eval()
     session = ChatSession(model, byte_tok, max_new_tokens=16)  # 96 - 16 = 80 tokens of conversation
     out = io.StringIO()
-    lines = ["a" * 20 + "\n", "b" * 20 + "\n", "c" * 20 + "\n"]  # 20 bytes + 15 template tokens, + a reply
+    lines = ["a" * 20 + "\n", "b" * 20 + "\n", "c" * 20 + "\n"]  # 21 bytes + 15 template tokens, + a reply
     chat_loop(session, lines, out, interactive=False)
     transcript = out.getvalue()
     assert transcript.count("the oldest turns are left out") == 1  # said once, when it first happens
