@@ -80,7 +80,7 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = R
             break
         new_ids.append(int(token))
         text = decode_reply(tokenizer, new_ids)
-        if text.endswith("\ufffd"):  # a character cut in the middle of its UTF-8 bytes: wait for the rest
+        if text.endswith("\ufffd") or text == shown:  # half a UTF-8 character, or only the leading space: wait
             continue
         yield text[len(shown):]
         shown = text

@@ -34,7 +34,7 @@ from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from step1_tokenizer.bpe import load_tokenizer
 from step4_sft.chat import load_chat_model, reply
-from step4_sft.chat_template import encode_prompt
+from step4_sft.chat_template import CONTENT_PREFIX, encode_prompt
 from step4_sft.data import SkipReport, read_conversations, write_jsonl
 from step4_sft.tasks import TASKS, score
 from step4_sft.train_sft import file_mb
@@ -49,7 +49,7 @@ def evaluate(model, tokenizer, records: list[dict], desc: str = "eval") -> tuple
     for record in tqdm(records, desc=desc, leave=False):
         *prompt, expected = record["conversations"]
         task = record.get("task") or "other"
-        budget = len(tokenizer.encode_ordinary(expected["content"])) + EXTRA_TOKENS
+        budget = len(tokenizer.encode_ordinary(CONTENT_PREFIX + expected["content"])) + EXTRA_TOKENS
         answer = reply(model, tokenizer, prompt, max_new_tokens=budget)
         replies.append({"task": task, "kind": record.get("kind"), "correct": score(task, answer, expected["content"]),
                         "expected": expected["content"], "reply": answer})

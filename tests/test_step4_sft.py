@@ -19,7 +19,7 @@ from step1_tokenizer.bpe import Tokenizer, train_bpe
 from step1_tokenizer.world import ask, build_world, generate_documents, split_facts
 from step4_sft import data as sft_data
 from step4_sft import eval_sft, train_lora, train_sft
-from step4_sft.chat import ChatSession, chat_loop, fit_prompt
+from step4_sft.chat import ChatSession, chat_loop, fit_prompt, reply, stream_reply
 from step4_sft.chat_template import decode_reply, encode_conversation, encode_prompt, shift_labels
 from step3_pretrain.data import load_tokens, prepare
 from step4_sft.data import Example, collate, load_examples, mask_table, sft_batch
@@ -112,11 +112,12 @@ def test_answer_repeats_the_question_s_name_as_the_same_tokens(tok):
     question, answer = f"Where does {person} live?", f"{person} lives in a town."
     ids, mask = encode_conversation(tok, [{"role": "user", "content": question},
                                           {"role": "assistant", "content": answer}])
-    name_ids = tok.encode_ordinary(" " + person)  # mid-sentence, as in the question
-    assert tok.encode_ordinary(person) != name_ids  # first on a line: other tokens
+    name_ids, bare_ids = tok.encode_ordinary(" " + person), tok.encode_ordinary(person)
     first_answer_token = mask.index(1)
-    assert ids[first_answer_token:first_answer_token + len(name_ids)] == name_ids
-    assert any(ids[i:i + len(name_ids)] == name_ids for i in range(first_answer_token - len(name_ids)))
+    contains = lambda seq, part: any(seq[i:i + len(part)] == part for i in range(len(seq)))  # noqa: E731
+    question_ids = ids[:first_answer_token]
+    assert contains(question_ids, name_ids) and not contains(question_ids, bare_ids)  # the question's form
+    assert ids[first_answer_token:first_answer_token + len(name_ids)] == name_ids  # repeated as it is
     assert decode_reply(tok, ids[first_answer_token:-2]) == answer  # the reply as shown: no leading space
 
 
@@ -450,6 +451,16 @@ def test_chat_says_when_the_oldest_turns_are_left_out(byte_tok):
     first_turn = encode_prompt(byte_tok, session.messages[:1])
     assert len(first_turn) <= 80 < len(encode_prompt(byte_tok, session.messages[:3]))
     assert transcript.index("the oldest turns") > transcript.index("you> " + "b" * 20)
+
+
+def test_reply_is_shown_without_the_content_prefix(byte_tok, monkeypatch):
+    model = Transformer(tiny_config(byte_tok.vocab_size)).eval()
+    written = [ord(" "), ord("Y"), ord("o"), byte_tok.im_end_id]  # what a fine-tuned model writes for "Yo"
+    monkeypatch.setattr(model, "generate_stream", lambda idx, n, **kwargs: (torch.tensor([t]) for t in written))
+    messages = [{"role": "user", "content": "Hi"}]
+    assert list(stream_reply(model, byte_tok, messages)) == ["Y", "o"]  # streamed: no space, no empty piece
+    assert reply(model, byte_tok, messages) == "Yo"  # what eval_sft.py scores
+    assert decode_reply(byte_tok, [ord(" "), ord(" "), ord("x")]) == " x"  # only the template's one space goes
 
 
 def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
