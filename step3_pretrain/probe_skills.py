@@ -9,7 +9,8 @@ learned a fact of the world or learned to add.
 - sums: every sum step 4's math problems use (result 1..20, second number 1..9), inside a story
   as the skill text writes one: "Belwen has 7 apples. Then Belwen buys 5 more: 7 + 5 =" -> " 12".
 - exam_questions: step 4's exam facts asked as a quiz page asks its questions, the whole answer
-  expected: "Questions and answers\nQ: Where does Wendel live?\nA:" -> " Wendel lives in Caldford."
+  expected: "Questions and answers\nQ: In which part of the land is Everstead?\nA:"
+  -> " Everstead is in the north."
   What the base model can answer in the layout it read; step 4's SFT teaches the chat layout.
 
 The model answers greedily (its single likeliest continuation). Why measure this: fine-tuning
@@ -35,7 +36,6 @@ from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL
 from step1_tokenizer.world import ask, build_world, phrasings, split_facts
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
-KINDS = ("facts", "sums", "exam_questions")
 
 
 def fact_prompts(world) -> list[tuple[str, str]]:
@@ -80,7 +80,7 @@ def greedy_continuation(model, tokenizer, prompt: str, n_tokens: int) -> str:
 
 
 def probe(model, tokenizer, world) -> dict:
-    """Share of facts and of sums the model completes right, and the prompts it got wrong."""
+    """Share of facts, sums and exam questions the model completes right, and the prompts it got wrong."""
     was_training = model.training
     model.eval()
     result = {"wrong": {}}
@@ -111,14 +111,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
     result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
-    for kind in KINDS:
+    for kind in result["wrong"]:  # facts, sums, exam_questions
         print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")
         if kind == "facts":
             print(f"   of them step 4's exam facts, never asked in a quiz page: {result['exam_facts']:.1%}")
         for prompt, expected, got in result["wrong"][kind][: args.show]:
             print(f"   {prompt!r} -> {got!r} (expected {expected!r})")
     if args.checkpoint is None:  # the default model's figures are step 3's; another model's are not
-        write_metrics(3, {kind: round(result[kind], 4) for kind in KINDS + ("exam_facts",)}, section="probe")
+        write_metrics(3, {kind: round(result[kind], 4) for kind in [*result["wrong"], "exam_facts"]}, section="probe")
     return result
 
 
