@@ -12,6 +12,10 @@ learned a fact of the world or learned to add.
   expected: "Questions and answers\nQ: In which part of the land is Everstead?\nA:"
   -> " Everstead is in the north."
   What the base model can answer in the layout it read; step 4's SFT teaches the chat layout.
+- copying: the skill text's own documents (skills.py, drawn with another seed), cut where the rest
+  can only be copied from earlier in the same document: a list written out again as a numbered
+  list, a sentence said again with one word changed, a traveler's name or favourite number said
+  back. Step 4's lists, rewrites and multi-turn recall ask for the same copying in a chat.
 
 The model answers greedily (its single likeliest continuation). Why measure this: fine-tuning
 (step 4) turns what the base model knows into answers; it can teach a little, but a base model that
@@ -32,10 +36,15 @@ from common.metrics import write_metrics
 from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
-from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL
+from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL, skill_documents
 from step1_tokenizer.world import ask, build_world, phrasings, split_facts
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
+# Where a skill document is cut for the copying probe, and where its copied part ends: the numbered
+# list (shopping_list), the changed sentence (change_of_mind), the name or number said back (introduction).
+COPY_CUTS = (("made a numbered list:\n", "\nThere are"), ('and said, "I like', '"'),
+             ('"Your name is', ","), ('"What was your favorite number?" "My favorite number is', ","))
+N_COPY_PER_CUT = 25
 
 
 def fact_prompts(world) -> list[tuple[str, str]]:
@@ -65,6 +74,19 @@ def sum_prompts() -> list[tuple[str, str]]:
     return pairs
 
 
+def copy_prompts(world, n_per_cut: int = N_COPY_PER_CUT, seed: int = 1000) -> list[tuple[str, str]]:
+    """(document up to the cut, the copied part) for the first n_per_cut skill documents holding each
+    of COPY_CUTS. seed: not the corpus's 0, so these documents are new draws (a short one may repeat)."""
+    docs = skill_documents(world, target_bytes=200_000, seed=seed)
+    pairs = []
+    for cut, end in COPY_CUTS:
+        holding = [d for d in docs if cut in d][:n_per_cut]
+        for doc in holding:
+            head, rest = doc.rsplit(cut, 1)
+            pairs.append((head + cut, rest.split(end, 1)[0]))
+    return pairs
+
+
 def ends_right_after(text: str, answer: str) -> bool:
     """text starts with the whole answer, and the answer's word ends there: " 12." is right for
     " 12", but " 1" or " 123" is not, nor " Caldfordshire" for " Caldford"."""
@@ -80,12 +102,12 @@ def greedy_continuation(model, tokenizer, prompt: str, n_tokens: int) -> str:
 
 
 def probe(model, tokenizer, world) -> dict:
-    """Share of facts, sums and exam questions the model completes right, and the prompts it got wrong."""
+    """Share of facts, sums, exam questions and copies the model completes right, and the prompts it got wrong."""
     was_training = model.training
     model.eval()
     result = {"wrong": {}}
     for kind, pairs in (("facts", fact_prompts(world)), ("sums", sum_prompts()),
-                        ("exam_questions", exam_question_prompts(world))):
+                        ("exam_questions", exam_question_prompts(world)), ("copying", copy_prompts(world))):
         wrong = []
         for prompt, answer in pairs:
             # a few tokens more than the answer takes, in case the model spells it in more pieces
@@ -111,7 +133,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
     result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
-    for kind in result["wrong"]:  # facts, sums, exam_questions
+    for kind in result["wrong"]:  # facts, sums, exam_questions, copying
         print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")
         if kind == "facts":
             print(f"   of them step 4's exam facts, never asked in a quiz page: {result['exam_facts']:.1%}")

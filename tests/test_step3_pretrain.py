@@ -1,5 +1,6 @@
 """Step 3 -- pretraining: data on disk, the shared training loop, exact resume, DDP."""
 import math
+import re
 import subprocess
 import sys
 
@@ -204,10 +205,24 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     exam_answers = {ask(f)[1] for f in split_facts(world)[1]}
     assert len(questions) == len(exam_answers) == 56 and {a[1:] for _, a in questions} == exam_answers
     assert all(p.startswith("Questions and answers\nQ: ") and p.endswith("?\nA:") for p, _ in questions)
+    # copying: each kind of cut 25 times, and what is to be copied stands earlier in the same document
+    copies = probe_skills.copy_prompts(world)
+    assert len(copies) == 100 and copies[0] == (
+        "Vinadric wrote down what to buy: dragon, hare, otter. At home Vinadric made a numbered list:\n",
+        "1. dragon\n2. hare\n3. otter")
+    for prompt, answer in copies[:25]:  # the numbered list: the shopping list's words, in order
+        bought = prompt.split("what to buy: ")[1].split(". At home")[0].split(", ")
+        assert answer.split("\n") == [f"{i}. {w}" for i, w in enumerate(bought, 1)]
+    for prompt, answer in copies[25:50]:  # the sentence said again, with the one word changed
+        said = prompt.split('said, "I like ')[1].split('."')[0]
+        old, new = re.search(r"changed one word, (\w+) for (\w+),", prompt).groups()
+        assert answer == " " + re.sub(rf"\b{old}\b", new, said) + "." != " " + said + "."
+    for prompt, answer in copies[50:]:  # a name or number said back was said before
+        assert answer.startswith(" ") and answer[1:] in prompt[: prompt.rindex('"')]
     # A stand-in model: right on every other prompt (the answer, then more text), and on the rest
     # one character short (" 1." for " 12") or one too long (" Caldfordx"): both must count as wrong.
-    answers = dict(facts + sums + questions)
-    order = {p: i for i, (p, _) in enumerate(facts + sums + questions)}
+    answers = dict(facts + sums + questions + copies)
+    order = {p: i for i, (p, _) in enumerate(facts + sums + questions + copies)}
 
     def stand_in(model, tokenizer, prompt, n_tokens):
         answer = answers[prompt]
@@ -217,6 +232,7 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     monkeypatch.setattr(probe_skills, "greedy_continuation", stand_in)
     result = probe_skills.probe(torch.nn.Linear(1, 1), Tokenizer.load(quick_run.tokenizer), world)
     assert result["facts"] == 138 / 276 and result["sums"] == 135 / 270 and result["exam_questions"] == 28 / 56
+    assert result["copying"] == 50 / 100
     exam = [phrasings(world, f)[0] for f in split_facts(world)[1]]  # step 4's exam: scored apart too
     exam_right = [order[p] % 2 == 0 for p, a in facts if p + a in exam]
     assert len(exam_right) > 40 and result["exam_facts"] == sum(exam_right) / len(exam_right)
