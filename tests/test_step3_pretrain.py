@@ -217,8 +217,10 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
         said = prompt.split('said, "I like ')[1].split('."')[0]
         old, new = re.search(r"changed one word, (\w+) for (\w+),", prompt).groups()
         assert answer == " " + re.sub(rf"\b{old}\b", new, said) + "." != " " + said + "."
-    for prompt, answer in copies[50:]:  # a name or number said back was said before
-        assert answer.startswith(" ") and answer[1:] in prompt[: prompt.rindex('"')]
+    for prompt, answer in copies[50:75]:  # the traveler's name said back is the one said on arrival
+        assert re.search(rf'"(Hello, my name is|I am|Call me){re.escape(answer)}," said the traveler', prompt)
+    for prompt, answer in copies[75:]:  # and so is the favourite number
+        assert prompt.count(f'"My favorite number is{answer}."') == 1 and prompt.endswith("My favorite number is")
     # A stand-in model: right on every other prompt (the answer, then more text), and on the rest
     # one character short (" 1." for " 12") or one too long (" Caldfordx"): both must count as wrong.
     answers = dict(facts + sums + questions + copies)
