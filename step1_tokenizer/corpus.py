@@ -34,7 +34,8 @@ def read_documents(path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+        raise UserError(f"{path}, line {line}: not UTF-8 text "
+                        f"(byte {raw[err.start]:#04x} at offset {err.start})") from None
     if path.suffix == ".jsonl":
         docs = _jsonl_documents(path, text)
     else:

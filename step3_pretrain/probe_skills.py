@@ -106,7 +106,8 @@ def probe(model, tokenizer, world) -> dict:
     was_training = model.training
     model.eval()
     result = {"wrong": {}}
-    for kind, pairs in (("facts", fact_prompts(world)), ("sums", sum_prompts()),
+    facts = fact_prompts(world)
+    for kind, pairs in (("facts", facts), ("sums", sum_prompts()),
                         ("exam_questions", exam_question_prompts(world)), ("copying", copy_prompts(world))):
         wrong = []
         for prompt, answer in pairs:
@@ -117,7 +118,7 @@ def probe(model, tokenizer, world) -> dict:
         result.update({kind: 1 - len(wrong) / len(pairs), f"n_{kind}": len(pairs)})
         result["wrong"][kind] = wrong
     exam = {phrasings(world, f)[0] for f in split_facts(world)[1]}  # the sentences of the exam facts
-    n_exam = sum(prompt + answer in exam for prompt, answer in fact_prompts(world))
+    n_exam = sum(prompt + answer in exam for prompt, answer in facts)
     wrong_exam = sum(prompt + answer in exam for prompt, answer, _ in result["wrong"]["facts"])
     result["exam_facts"] = 1 - wrong_exam / n_exam if n_exam else float("nan")  # nan: no exam fact to probe
     model.train(was_training)

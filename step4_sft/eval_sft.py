@@ -9,7 +9,7 @@ For each held-out conversation the model reads everything up to the last
 assistant turn and writes that turn itself (greedy decoding); the reply is
 scored by exact match (math: the number after "####"; see tasks.score).
 Results go to out/step4/metrics.json (sections base, full_sft, lora; with each
-layer's attention entropy over the prompts, step 4 README), the
+layer's attention entropy over the prompts, step4_sft/EXPERIMENTS.md), the
 replies to out/step4/eval_<section>.jsonl, and once full SFT and LoRA are both
 scored, a comparison plot to out/step4/sft_vs_lora.png.
 """
@@ -60,7 +60,7 @@ def evaluate(model, tokenizer, records: list[dict], desc: str = "eval") -> tuple
 
 def prompt_attention_entropy(model, tokenizer, records: list[dict]) -> list[float]:
     """Per layer, the mean attention entropy (nats) while reading the evaluation prompts: a
-    fine-tuning that drives it towards 0 has collapsed attention (step 4 README, LoRA)."""
+    fine-tuning that drives it towards 0 has collapsed attention (step4_sft/EXPERIMENTS.md)."""
     device, window = next(model.parameters()).device, model.config.block_size
     per_record = [attention_entropy(model, torch.tensor([encode_prompt(tokenizer, r["conversations"][:-1])[-window:]],
                                                         device=device)) for r in records]
@@ -119,9 +119,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="a model file to score (section full_sft)")
     parser.add_argument("--lora", default=None, metavar="ADAPTER",
-                        help="score the base --checkpoint (default out/step3/model.pt) with this adapter (section lora)")
-    parser.add_argument("--base", action="store_true", help="score the pretrained model out/step3/model.pt (section base)")
-    parser.add_argument("--data", default=None, help="held-out conversations (default out/step4/sft_eval.jsonl)")
+                        help="score the base --checkpoint (default out/step3/model.pt) with this adapter "
+                             "(section lora)")
+    parser.add_argument("--base", action="store_true",
+                        help="score the pretrained model out/step3/model.pt (section base)")
+    parser.add_argument("--data", default=None,
+                        help="held-out conversations (default out/step4/sft_eval.jsonl)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="folder for replies and plot (default out/step4)")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many conversations per task")

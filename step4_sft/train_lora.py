@@ -26,7 +26,7 @@ from step4_sft.train_sft import add_sft_args, file_mb, run_sft, setup
 # LoRA trains far fewer numbers, each of which must move further: a larger learning rate
 # than full fine-tuning, and no weight decay (it would pull B A back towards "no change").
 # 10x is measured: on a 600-step run, 3x left validation loss at 1.03, 10x reached 0.87 and
-# 20x ended worse, at 1.16 (step 4 README).
+# 20x ended worse, at 1.16 (step4_sft/EXPERIMENTS.md).
 PROFILES = {name: {**p, "lr": p["lr"] * 10} for name, p in SFT_PROFILES.items()}
 # And more steps: a LoRA step costs a third less than a full SFT step (no replayed rows, no
 # optimizer state for the frozen weights), and its loss was still falling at 1000 steps; 1500

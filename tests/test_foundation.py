@@ -30,6 +30,23 @@ def test_ci_runs_the_readme_test_command():
     assert ci.index("torch==2.13.0") < ci.index(readme_test_command())
 
 
+def test_every_markdown_link_points_to_a_file_in_the_repository():
+    """Relative links in the READMEs resolve; those into out/ name what a step's script writes, not a file here."""
+    found = [*REPO_ROOT.glob("*.md"), *REPO_ROOT.glob("*/*.md"), *REPO_ROOT.glob("common/*/*.md")]
+    top = lambda d: d.relative_to(REPO_ROOT).parts[0]  # noqa: E731
+    documents = [d for d in found if top(d) != "out" and not top(d).startswith(".")]  # not written by runs or tools
+    checked, broken = 0, []
+    for document in documents:
+        for target in re.findall(r"\]\(([^)#\s]+)", document.read_text(encoding="utf-8")):
+            path = (document.parent / target).resolve()
+            if target.startswith(("http://", "https://")) or REPO_ROOT / "out" in path.parents:
+                continue
+            checked += 1
+            if not path.exists():
+                broken.append(f"{document.relative_to(REPO_ROOT)} -> {target}")
+    assert checked >= 10 and not broken, broken
+
+
 def test_every_script_starts_from_its_own_folder_and_as_a_module():
     """--help from inside the script's folder (sys.path lacks the repo root there), and one `python -m`."""
     def run(args, cwd):

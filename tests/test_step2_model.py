@@ -16,7 +16,6 @@ from common.model import (Attention, KVCache, ModelConfig, Transformer, apply_ro
                           attention_maps, checkpoint_dict, count_parameters, kv_cache_bytes, load_model,
                           next_token_probs, param_formula, rope_tables)
 
-REPO = Path(__file__).resolve().parents[1]
 # Small but complete: GQA (4 query heads share 2 kv heads), 2 layers, tied embeddings.
 TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
@@ -471,10 +470,9 @@ def test_causality_check_script_finds_no_leak():
 
 
 def test_notebook_runs():
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    notebook = nbformat.read(REPO / "step2_model" / "step2_model.ipynb", as_version=4)
-    nbclient.NotebookClient(notebook, timeout=180, resources={"metadata": {"path": str(REPO / "step2_model")}}).execute()
-    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    from tests.notebooks import has_image, outputs_text, run_notebook
+
+    notebook = run_notebook("step2_model/step2_model.ipynb", timeout=180)
+    outputs = outputs_text(notebook)
     assert "embedding" in outputs and "total" in outputs
-    assert any("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", []))
+    assert has_image(notebook)
