@@ -50,6 +50,13 @@ def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
+def shown(value) -> str:
+    """A metric as the report card prints it: shares and losses to 4 digits, large numbers whole."""
+    if isinstance(value, float) and value == value:  # not nan
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
 def write_report(seconds: dict, quick: bool) -> Path:
     lines = ["# Report card", "", f"Profile: {'quick' if quick else 'default'}.", ""]
     for step, title, _ in STEPS:
@@ -59,7 +66,7 @@ def write_report(seconds: dict, quick: bool) -> Path:
         path = paths.OUT_DIR / f"step{step}" / "metrics.json"
         if path.exists():
             lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {key} | {value} |" for key, value in flatten(json.loads(path.read_text()))]
+            lines += [f"| {key} | {shown(value)} |" for key, value in flatten(json.loads(path.read_text()))]
         else:
             lines.append("(no metrics.json)")
         lines.append("")

@@ -502,7 +502,7 @@ def attention_entropy(model: Transformer, idx) -> list[float]:
     """Mean entropy, in nats, of each layer's attention rows for token ids idx (B, T): how
     spread out attention is. A row that reads n tokens evenly has entropy log(n); a row that
     reads a single token has 0. Falling towards 0 across the board is "attention entropy
-    collapse", a known way for training to go wrong (step4_sft/EXPERIMENTS.md, LoRA's learning rate)."""
+    collapse", a known way for training to go wrong (step4_sft/EXPERIMENTS.md, attention collapses)."""
     return [float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean()) for w in attention_maps(model, idx)]
 
 

@@ -5,8 +5,8 @@ and pages of practice sums.
 Why they are in the pretraining corpus: step 4's chat tasks ask the model to hand back a name the
 user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches
 a model the FORMAT of an answer, not a new skill: pretrained without these documents, our model
-recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps; step 4
-README). Real pretraining corpora are full of such text (school worksheets included); ours gets it
+recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps; step4_sft/
+EXPERIMENTS.md, "How long to fine-tune"). Real pretraining corpora are full of such text (school worksheets included); ours gets it
 from these templates.
 
 None of these documents states a fact about the world: people and towns appear only as names

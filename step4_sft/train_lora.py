@@ -30,7 +30,7 @@ from step4_sft.train_sft import add_sft_args, file_mb, run_sft, setup
 PROFILES = {name: {**p, "lr": p["lr"] * 10} for name, p in SFT_PROFILES.items()}
 # And more steps: a LoRA step costs a third less than a full SFT step (no replayed rows, no
 # optimizer state for the frozen weights), and its loss was still falling at 1000 steps; 1500
-# steps (still under 10 minutes) lifted overall accuracy from 44 to 49 % (README).
+# steps (still under 10 minutes) lifted overall accuracy from 44 to 49 % (EXPERIMENTS.md).
 PROFILES["default"] = {**PROFILES["default"], "max_steps": 1500}
 
 
@@ -48,14 +48,14 @@ def main(argv=None):
                              "or all-linear (default wq,wv)")
     parser.add_argument("--no_token_rows", action="store_true",
                         help="do not train the embedding rows of <|im_start|> and <|im_end|> (pure LoRA; "
-                             "the README measures what the two rows add)")
+                             "EXPERIMENTS.md measures what the two rows add)")
     parser.add_argument("--weight_decay", type=float, default=0.0,
                         help="AdamW weight decay on the LoRA matrices and token rows (default 0; 1.0 keeps "
-                             "attention from collapsing at a larger --lr but scored lower: README)")
+                             "attention from collapsing at a larger --lr but scored lower: EXPERIMENTS.md)")
     add_sft_args(parser, PROFILES)
     # No replay by default: it protects weights that fine-tuning changes, and LoRA leaves every
     # base weight frozen. Measured: with it, LoRA's tiny capacity went to the world text instead
-    # of the answers (overall 11.8 % against 35.4 % without, on the earlier base model; README).
+    # of the answers (overall 11.8 % against 35.4 % without, on the earlier base model; EXPERIMENTS.md).
     parser.set_defaults(replay_rows=0)
     args = parser.parse_args(argv)
     if args.weight_decay < 0:

@@ -12,7 +12,7 @@ so it learns to WRITE answers, not to predict what users type.
 Each batch also carries a few rows of step 3's world text ("replay"), trained on every token
 at a fifth of the answers' weight. Fine-tuned on answers alone, the model forgot what it had
 read: asked about facts it was never quizzed on in SFT, it got 23 % right; with replay, 82 %
-(README; measured on the base model before step 3's practice sums).
+(EXPERIMENTS.md; measured on the base model before step 3's practice sums).
 
 The pieces that train_lora.py shares (arguments, data, the training call) are here.
 """

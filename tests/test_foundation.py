@@ -30,20 +30,27 @@ def test_ci_runs_the_readme_test_command():
     assert ci.index("torch==2.13.0") < ci.index(readme_test_command())
 
 
+def heading_anchors(document) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", document.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_every_markdown_link_points_to_a_file_in_the_repository():
-    """Relative links in the READMEs resolve; those into out/ name what a step's script writes, not a file here."""
+    """Relative links in the READMEs resolve, #anchors to a heading of the file; links into out/ name what a
+    step's script writes, not a file here."""
     found = [*REPO_ROOT.glob("*.md"), *REPO_ROOT.glob("*/*.md"), *REPO_ROOT.glob("common/*/*.md")]
     top = lambda d: d.relative_to(REPO_ROOT).parts[0]  # noqa: E731
     documents = [d for d in found if top(d) != "out" and not top(d).startswith(".")]  # not written by runs or tools
     checked, broken = 0, []
     for document in documents:
-        for target in re.findall(r"\]\(([^)#\s]+)", document.read_text(encoding="utf-8")):
-            path = (document.parent / target).resolve()
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", document.read_text(encoding="utf-8")):
+            path = (document.parent / target).resolve() if target else document
             if target.startswith(("http://", "https://")) or REPO_ROOT / "out" in path.parents:
                 continue
             checked += 1
-            if not path.exists():
-                broken.append(f"{document.relative_to(REPO_ROOT)} -> {target}")
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in heading_anchors(path)):
+                broken.append(f"{document.relative_to(REPO_ROOT)} -> {target}#{anchor}")
     assert checked >= 10 and not broken, broken
 
 
@@ -93,6 +100,15 @@ def test_quick_runs_read_and_write_out_quick_and_leave_a_full_run_alone(tmp_path
     monkeypatch.setattr(common.paths, "OUT_DIR", out)
     assert run_all.main(["--quick", "--from", "99"]) == 0  # no step runs; the report card goes to out/quick/
     assert "Profile: quick." in (out / "quick" / "report.md").read_text() and not (out / "report.md").exists()
+
+
+def test_report_card_shows_exact_shares_to_four_digits_and_large_numbers_whole():
+    import run_all
+
+    assert run_all.shown(296 / 356) == "0.8315" and run_all.shown(0.2327) == "0.2327"
+    assert run_all.shown(512345.6) == "512,346" and run_all.shown(488.31) == "488.3"
+    assert run_all.shown(3590656) == "3590656" and run_all.shown(None) == "None"
+    assert run_all.shown(float("nan")) == "nan"
 
 
 def test_plugin_prints_each_step_list_ticked_and_crossed(pytester):

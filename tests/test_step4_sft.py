@@ -478,7 +478,8 @@ def test_eval_writes_scores_per_task(files, tmp_path, monkeypatch):
     assert set(by_kind) == {f"{r['task']}/{r['kind']}" for r in replies}
     for name, value in by_kind.items():  # the mean of the replies of that task and kind
         oks = [r["correct"] for r in replies if f"{r['task']}/{r['kind']}" == name]
-        assert value == round(sum(oks) / len(oks), 4)
+        assert value == sum(oks) / len(oks)
+    assert accuracy["overall"] == sum(r["correct"] for r in replies) / len(replies)
     entropy = written["full_sft"]["attention_entropy"]  # per layer: above one-hot (0), below reading all evenly
     config = load_model(files / "base.pt").config
     assert len(entropy) == config.n_layer and all(0 < e < math.log(config.block_size) for e in entropy)
