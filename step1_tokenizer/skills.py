@@ -3,11 +3,11 @@ in the text, reading a list back, swapping one word of a list, counting, compari
 and pages of practice sums.
 
 Why they are in the pretraining corpus: step 4's chat tasks ask the model to hand back a name the
-user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches
-a model the FORMAT of an answer, not a new skill: pretrained without these documents, our model
-recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps; step4_sft/
-EXPERIMENTS.md, "How long to fine-tune"). Real pretraining corpora are full of such text (school worksheets included); ours gets it
-from these templates.
+user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches a
+model the FORMAT of an answer, not a new skill: pretrained without these documents, our model
+recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps;
+step4_sft/EXPERIMENTS.md, "How long to fine-tune"). Real pretraining corpora are full of such text
+(school worksheets included); ours gets it from these templates.
 
 None of these documents states a fact about the world: people and towns appear only as names
 (a host meets a traveler in the host's own town, so nothing contradicts the world either), and
