@@ -156,6 +156,18 @@ class _Writer:
         return f"{r.choice(self.people)} practised sums:\n" + "\n".join(lines)
 
 
+    def echo(self) -> str:
+        """A game of echo: a row of 4 to 10 words said, then said back. The words are drawn at random
+        from the list words, the world's people, the digits and made-up names, so the row said back
+        can only be predicted by copying it. Not in the default corpus: step 3's copying experiment."""
+        r = self.rng
+        leader = r.choice(self.people)
+        pool = WORDS + self.people + [str(n) for n in range(1, MAX_NUMBER + 1)]
+        row = ", ".join(new_name(r, avoid=self.world.names()) if r.random() < 0.1 else r.choice(pool)
+                        for _ in range(r.randint(4, 10)))
+        return f"{leader} played the echo game with the children. {leader} said: {row}. The children said back: {row}."
+
+
 KINDS = ("introduction", "shopping_list", "change_of_mind", "comparison", "sums", "worksheet")
 
 
@@ -167,3 +179,10 @@ def skill_documents(world: World, target_bytes: int, seed: int = 0) -> list[str]
         docs.append(doc)
         total += len(doc.encode("utf-8")) + 2  # + the blank line that separates documents in a file
     return docs
+
+
+def echo_documents(world: World, n: int, seed: int = 0) -> list[str]:
+    """n echo games and nothing else: a corpus where half of every document is copying
+    (step3_pretrain/data.py --echo_games; step 3 README, "Can more text teach copying?")."""
+    writer = _Writer(world, random.Random(seed))
+    return [writer.echo() for _ in range(n)]

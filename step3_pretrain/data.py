@@ -2,6 +2,7 @@
 
     python step3_pretrain/data.py            # the generated corpus (the text step 1 trained on)
     python step3_pretrain/data.py --input my.txt   # any UTF-8 text, or JSONL with {"text": ...}
+    python step3_pretrain/data.py --echo_games 20000 --out out/echo   # only copying (README)
 
 Writes out/step3/train.bin and val.bin (token ids, uint16 when the vocabulary
 fits, else uint32) and meta.json. Every document ends with <|endoftext|>, so
@@ -27,7 +28,9 @@ from common.checkpoint import atomic_write_text
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.paths import step_dir
 from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer
-from step1_tokenizer.corpus import default_documents, read_documents, split_heldout
+from step1_tokenizer.corpus import HELDOUT_FRACTION, default_documents, read_documents, split_heldout
+from step1_tokenizer.skills import echo_documents
+from step1_tokenizer.world import build_world
 
 MAKE_DATA = "python step3_pretrain/data.py"
 
@@ -46,20 +49,27 @@ def encode_documents(tokenizer, docs: list[str], desc: str) -> np.ndarray:
     return np.array(ids, dtype=dtype)
 
 
-def prepare(data_dir, tokenizer_path=None, input_path=None, quick=False) -> dict:
-    """Tokenize the corpus into data_dir/{train,val}.bin and meta.json; return the meta."""
+def prepare(data_dir, tokenizer_path=None, input_path=None, quick=False, echo_games=0) -> dict:
+    """Tokenize the corpus into data_dir/{train,val}.bin and meta.json; return the meta.
+    echo_games: instead of the corpus, this many echo games (skills.echo_documents)."""
     tokenizer_path = pathlib.Path(tokenizer_path or default_tokenizer_path())
     tokenizer = load_tokenizer(tokenizer_path)
+    source = input_path or (f"{echo_games} echo games" if echo_games else "generated corpus")
     if input_path:
         train_docs, val_docs = split_heldout(read_documents(input_path))
+    elif echo_games:
+        world = build_world(0, "quick" if quick else "default")
+        train_docs, val_docs = split_heldout(echo_documents(world, echo_games))
     else:
         train_docs, val_docs = default_documents(quick=quick)
     if not val_docs:
-        raise UserError(f"{input_path}: needs at least 2 documents (blank-line separated) to hold one out")
+        every = round(1 / HELDOUT_FRACTION)  # split_heldout keeps one document in `every` for validation
+        raise UserError(f"{source}: {len(train_docs)} documents, but at least {every} different ones "
+                        f"(separated by blank lines) are needed: one in {every} is held out for validation")
     data_dir = pathlib.Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     meta = {"tokenizer": str(tokenizer_path), "tokenizer_sha": tokenizer_fingerprint(tokenizer_path),
-            "vocab_size": tokenizer.vocab_size, "source": str(input_path or "generated corpus"), "quick": quick}
+            "vocab_size": tokenizer.vocab_size, "source": str(source), "quick": quick}
     for split, docs in (("train", train_docs), ("val", val_docs)):
         tokens = encode_documents(tokenizer, docs, split)
         tokens.tofile(data_dir / f"{split}.bin")
@@ -94,11 +104,16 @@ def main(argv=None):
     parser.add_argument("--input", help="a UTF-8 text file (documents separated by blank lines) or JSONL with "
                                         '{"text": ...}; default: the generated corpus '
                                         "(world text, quiz pages, skill text)")
+    parser.add_argument("--echo_games", type=int, default=0, metavar="N",
+                        help="instead of the corpus, N echo games: rows of random words said and said back, "
+                             "text that only copying predicts (README, 'Can more text teach copying?')")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    meta = prepare(args.out or step_dir(3), args.tokenizer, args.input, args.quick)
+    if args.input and args.echo_games:
+        raise UserError("give --input or --echo_games, not both")
+    meta = prepare(args.out or step_dir(3), args.tokenizer, args.input, args.quick, args.echo_games)
     for split in ("train", "val"):
         info = meta[split]
         print(f"{split}: {info['documents']:,} documents, {info['bytes']:,} bytes -> {info['tokens']:,} tokens "

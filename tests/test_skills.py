@@ -5,7 +5,7 @@ import pytest
 
 from step1_tokenizer.corpus import (DEFAULT_BYTES, QUICK_BYTES, QUIZ_SHARE, SKILL_SHARE, default_documents,
                                     generated_documents, split_heldout, world_training_documents)
-from step1_tokenizer.skills import WORDS, skill_documents
+from step1_tokenizer.skills import MAX_NUMBER, WORDS, echo_documents, skill_documents
 from step1_tokenizer.world import build_world, generate_documents, phrasings, quiz_documents
 
 
@@ -71,6 +71,23 @@ def test_what_is_said_earlier_is_what_comes_back(world, docs):
             old, new = re.search(r"changed one word, (\w+) for (\w+),", d).groups()
             assert re.search(rf"\b{old}\b", before) and not re.search(rf"\b{new}\b", before), d
             assert after == re.sub(rf"\b{old}\b", new, before) and old in WORDS and new in WORDS
+
+
+def test_an_echo_game_says_back_exactly_the_row_it_said_and_is_not_in_the_default_corpus(world):
+    games = echo_documents(world, 300, seed=0)
+    assert games == echo_documents(world, 300, seed=0) and games != echo_documents(world, 300, seed=1)
+    pool = set(WORDS) | set(world.names("person")) | {str(n) for n in range(1, MAX_NUMBER + 1)}
+    made_up = []
+    for game in games:
+        said = re.fullmatch(r"(\w+) played the echo game with the children\. \1 said: ([\w, ]+)\. "
+                            r"The children said back: ([\w, ]+)\.", game)
+        assert said and said.group(2) == said.group(3), game
+        row = said.group(2).split(", ")
+        assert 4 <= len(row) <= 10, game
+        made_up += [w for w in row if w not in pool]
+    assert 0 < len(made_up) < 0.2 * sum(len(g.split(": ")[1].split(", ")) for g in games)  # about 1 word in 10
+    assert all(w.isalpha() and w.istitle() and w not in world.names() for w in made_up)
+    assert not any("echo game" in d for d in generated_documents(quick=True))
 
 
 def test_skill_text_states_no_fact_of_the_world(world, docs):

@@ -161,6 +161,20 @@ def test_bad_inputs_say_what_to_run(quick_run, tmp_path):
         sample.main(["--checkpoint", str(corrupt), "--tokenizer", str(quick_run.tokenizer)])
 
 
+def test_echo_games_make_a_corpus_of_their_own(quick_run, tmp_path):
+    tokenizer = Tokenizer.load(quick_run.tokenizer)
+    meta = data.main(["--quick", "--echo_games", "200", "--tokenizer", str(quick_run.tokenizer),
+                      "--out", str(tmp_path)])
+    assert meta["source"] == "200 echo games" and (meta["train"]["documents"], meta["val"]["documents"]) == (196, 4)
+    tokens, _ = data.load_tokens(tmp_path, "val", quick_run.tokenizer)
+    games = tokenizer.decode([t for t in tokens.tolist() if t != tokenizer.eot_id])
+    assert games.count("played the echo game") == 4 and games.count("The children said back:") == 4
+    with pytest.raises(UserError, match="40 echo games: 40 documents, but at least 50 different ones"):
+        data.main(["--quick", "--echo_games", "40", "--tokenizer", str(quick_run.tokenizer), "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="--input or --echo_games, not both"):
+        data.main(["--echo_games", "40", "--input", str(tmp_path / "any.txt")])
+
+
 @pytest.mark.verifies(3, "the step 3 notebook runs top to bottom and shows the loss curve")
 def test_notebook_runs():
     from tests.notebooks import has_image, outputs_text, run_notebook
