@@ -155,7 +155,6 @@ class _Writer:
             lines.append(line)
         return f"{r.choice(self.people)} practised sums:\n" + "\n".join(lines)
 
-
     def echo(self) -> str:
         """A game of echo: a row of 4 to 10 words said, then said back. The words are drawn at random
         from the list words, the world's people, the digits and made-up names, so the row said back
@@ -182,7 +181,7 @@ def skill_documents(world: World, target_bytes: int, seed: int = 0) -> list[str]
 
 
 def echo_documents(world: World, n: int, seed: int = 0) -> list[str]:
-    """n echo games and nothing else: a corpus where half of every document is copying
+    """n echo games and nothing else: a corpus where the end of every document is a copy
     (step3_pretrain/data.py --echo_games; step 3 README, "Can more text teach copying?")."""
     writer = _Writer(world, random.Random(seed))
     return [writer.echo() for _ in range(n)]

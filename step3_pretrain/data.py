@@ -2,7 +2,7 @@
 
     python step3_pretrain/data.py            # the generated corpus (the text step 1 trained on)
     python step3_pretrain/data.py --input my.txt   # any UTF-8 text, or JSONL with {"text": ...}
-    python step3_pretrain/data.py --echo_games 20000 --out out/echo   # only copying (README)
+    python step3_pretrain/data.py --echo_games 20000 --out out/echo_only   # only copying
 
 Writes out/step3/train.bin and val.bin (token ids, uint16 when the vocabulary
 fits, else uint32) and meta.json. Every document ends with <|endoftext|>, so
@@ -113,6 +113,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.input and args.echo_games:
         raise UserError("give --input or --echo_games, not both")
+    if args.echo_games and not args.out:  # never replace the tokens step 3 trains on by default
+        raise UserError("--echo_games makes a corpus of its own: give it a folder of its own, "
+                        "e.g. --out out/echo_only (out/step3 holds the corpus step 3 trains on)")
     meta = prepare(args.out or step_dir(3), args.tokenizer, args.input, args.quick, args.echo_games)
     for split in ("train", "val"):
         info = meta[split]

@@ -171,6 +171,8 @@ def test_echo_games_make_a_corpus_of_their_own(quick_run, tmp_path):
     assert games.count("played the echo game") == 4 and games.count("The children said back:") == 4
     with pytest.raises(UserError, match="40 echo games: 40 documents, but at least 50 different ones"):
         data.main(["--quick", "--echo_games", "40", "--tokenizer", str(quick_run.tokenizer), "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="a folder of its own, e.g. --out out/echo_only"):
+        data.main(["--quick", "--echo_games", "200", "--tokenizer", str(quick_run.tokenizer)])
     with pytest.raises(UserError, match="--input or --echo_games, not both"):
         data.main(["--echo_games", "40", "--input", str(tmp_path / "any.txt")])
 
