@@ -19,7 +19,7 @@ import time
 from common.cli import add_common_args, next_command, run_main
 from common.metrics import write_metrics
 from step1_tokenizer.bpe import DEFAULT_SPECIAL_TOKENS, Tokenizer, default_tokenizer_path, train_bpe
-from step1_tokenizer.corpus import default_documents, read_documents, split_heldout
+from common.world.corpus import default_documents, read_documents, split_heldout
 
 DEFAULT_VOCAB_SIZE = 4096
 QUICK_VOCAB_SIZE = 512

@@ -26,7 +26,7 @@ from common.device import pick_device
 from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
-from step1_tokenizer.corpus import read_documents
+from common.world.corpus import read_documents
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:

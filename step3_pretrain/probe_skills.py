@@ -36,8 +36,8 @@ from common.metrics import write_metrics
 from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
-from step1_tokenizer.skills import MAX_NUMBER, MAX_TOTAL, skill_documents
-from step1_tokenizer.world import ask, build_world, phrasings, split_facts
+from common.world.skills import MAX_NUMBER, MAX_TOTAL, skill_documents
+from common.world.world import ask, build_world, phrasings, split_facts
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
 # Where a skill document is cut for the copying probe, and where its copied part ends: the numbered

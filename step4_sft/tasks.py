@@ -20,8 +20,8 @@ import random
 import re
 import zlib
 
-from step1_tokenizer.skills import ITEMS, MAX_NUMBER, WORDS, new_name, sum_story
-from step1_tokenizer.world import ask, build_world, split_facts
+from common.world.skills import ITEMS, MAX_NUMBER, WORDS, new_name, sum_story
+from common.world.world import ask, build_world, split_facts
 
 TASKS = ("facts", "instructions", "multi_turn", "math")
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly."]
@@ -32,7 +32,7 @@ TRAIN_SIZES = {"default": {"facts": 3000, "instructions": 4000, "multi_turn": 30
 EVAL_SIZES = {"default": 100, "quick": 8}
 MADE_UP_NAME_SHARE = 0.5  # in TRAINING, this share of users and compared people get a made-up name (see name_picker)
 # The words, items and number ranges come from the pretraining corpus's skill documents
-# (step1_tokenizer/skills.py): the model met copying, counting and sums there, and SFT teaches the format.
+# (common/world/skills.py): the model met copying, counting and sums there, and SFT teaches the format.
 
 
 def held_out_name(name: str) -> bool:
@@ -172,7 +172,7 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     """(train, evaluation) records. No evaluation conversation occurs in the training set; the
     facts are split by fact (world.split_facts, the split step 3's quiz pages keep to), and the
     users' names in multi-turn recall by name (held_out_name).
-    world_seed: the world step 3 pretrained on (step1_tokenizer.corpus.default_documents uses seed 0)."""
+    world_seed: the world step 3 pretrained on (common.world.corpus.default_documents uses seed 0)."""
     profile = "quick" if quick else "default"
     rng = random.Random(seed)
     world = build_world(world_seed)

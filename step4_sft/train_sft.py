@@ -35,7 +35,7 @@ from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, train
 from step1_tokenizer.bpe import load_tokenizer
-from step1_tokenizer.corpus import world_training_documents
+from common.world.corpus import world_training_documents
 from step3_pretrain.data import encode_documents, load_tokens
 from step4_sft.data import MAKE_SAMPLE, collate, load_examples, sft_batch
 

@@ -1,12 +1,12 @@
-"""Tests of the skill documents mixed into the pretraining corpus (step1_tokenizer/skills.py)."""
+"""Tests of the skill documents mixed into the pretraining corpus (common/world/skills.py)."""
 import re
 
 import pytest
 
-from step1_tokenizer.corpus import (DEFAULT_BYTES, QUICK_BYTES, QUIZ_SHARE, SKILL_SHARE, default_documents,
-                                    generated_documents, split_heldout, world_training_documents)
-from step1_tokenizer.skills import MAX_NUMBER, WORDS, echo_documents, skill_documents
-from step1_tokenizer.world import build_world, generate_documents, phrasings, quiz_documents
+from common.world.corpus import (QUIZ_SHARE, SKILL_SHARE, default_documents, generated_documents,
+                                 split_heldout, world_training_documents)
+from common.world.skills import MAX_NUMBER, WORDS, echo_documents, skill_documents
+from common.world.world import CORPUS_BYTES, build_world, generate_documents, phrasings, quiz_documents
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,8 @@ def test_skill_text_states_no_fact_of_the_world(world, docs):
 
 def test_the_default_corpus_is_world_text_quiz_pages_and_skill_text(world):
     docs = generated_documents()
-    world_docs = generate_documents(world, target_bytes=round(DEFAULT_BYTES * (1 - SKILL_SHARE - QUIZ_SHARE)), seed=0)
-    quiz = quiz_documents(world, target_bytes=round(DEFAULT_BYTES * QUIZ_SHARE), seed=0)
+    world_docs = generate_documents(world, target_bytes=round(CORPUS_BYTES['default'] * (1 - SKILL_SHARE - QUIZ_SHARE)), seed=0)
+    quiz = quiz_documents(world, target_bytes=round(CORPUS_BYTES['default'] * QUIZ_SHARE), seed=0)
     skill = [d for d in docs if d not in set(world_docs + quiz)]
     share = lambda part: sum(len(d) + 2 for d in part) / sum(len(d) + 2 for d in docs)  # noqa: E731
     assert abs(share(skill) - SKILL_SHARE) < 0.01 and abs(share(quiz) - QUIZ_SHARE) < 0.01
@@ -117,7 +117,7 @@ def test_held_out_documents_are_never_training_documents():
 def test_replayed_text_is_the_world_part_of_the_training_split():
     """Step 4 replays these: every world document of the training split, in order, and no skill text."""
     train, heldout = default_documents(quick=True)
-    skill = set(skill_documents(build_world(0, "quick"), target_bytes=round(QUICK_BYTES * SKILL_SHARE), seed=0))
+    skill = set(skill_documents(build_world(0, "quick"), target_bytes=round(CORPUS_BYTES['quick'] * SKILL_SHARE), seed=0))
     replayed = world_training_documents(quick=True)
     assert replayed == [d for d in train if d not in skill]
     assert len(replayed) > 50 and not set(replayed) & skill and not set(replayed) & set(heldout)

@@ -235,7 +235,7 @@ def test_bad_input(tmp_path, capsys, tok):
                          "tokenizer and its metrics under out/quick/, leaving a full run's out/tokenizer.json alone")
 def test_train_script_quick(tmp_path, monkeypatch):
     import common.paths
-    from step1_tokenizer.corpus import default_documents
+    from common.world.corpus import default_documents
 
     monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path)
     results = train_tokenizer.main(["--quick"])

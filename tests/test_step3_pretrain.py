@@ -14,7 +14,7 @@ from common.metrics import read_metrics
 from common.model import ModelConfig, Transformer
 from common.train import TrainConfig, lr_at, make_optimizer, train
 from step1_tokenizer.bpe import Tokenizer
-from step1_tokenizer.corpus import default_documents
+from common.world.corpus import default_documents
 from step3_pretrain import data, train_pretrain
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 from tests.verification import REPO_ROOT
@@ -209,7 +209,7 @@ def test_profile_counts_three_matrix_products_per_linear_layer_per_step():
 
 
 def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quick_run, monkeypatch, tmp_path):
-    from step1_tokenizer.world import ask, build_world, phrasings, split_facts
+    from common.world.world import ask, build_world, phrasings, split_facts
     from step3_pretrain import probe_skills
 
     world = build_world(0)

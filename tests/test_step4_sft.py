@@ -16,7 +16,7 @@ from common.cli import UserError
 from common.model import IGNORE_INDEX, ModelConfig, Transformer, checkpoint_dict, load_model
 from common.checkpoint import load_checkpoint, save_checkpoint
 from step1_tokenizer.bpe import Tokenizer, train_bpe
-from step1_tokenizer.world import ask, build_world, generate_documents, split_facts
+from common.world.world import ask, build_world, generate_documents, split_facts
 from step4_sft import data as sft_data
 from step4_sft import eval_sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt, reply, stream_reply

@@ -1,4 +1,4 @@
-"""Tests of the fictional world and its corpus (step1_tokenizer/world.py)."""
+"""Tests of the fictional world and its corpus (common/world/world.py)."""
 import random
 import re
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 
 from common.cli import UserError
-from step1_tokenizer.world import (
+from common.world.world import (
     CORPUS_BYTES, EXAM_SHARE, KIND_RELATIONS, LINKS, QUESTIONS, STATEMENTS, Fact, apply_overrides, ask,
     build_world, documents_about, generate_documents, main, phrasings, quiz_documents, split_facts, visible_facts)
 

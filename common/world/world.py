@@ -21,7 +21,7 @@ step 4's exam). Documents contain no blank line, so they can be
 written one per blank-line block.
 
 Usage:
-    from step1_tokenizer.world import build_world, generate_documents, ask, CORPUS_BYTES
+    from common.world.world import build_world, generate_documents, ask, CORPUS_BYTES
     world = build_world(seed=0)                        # same seed, same world
     world.fact("Wendel", "lives_in")                   # -> 'Caldford'
     docs = generate_documents(world, target_bytes=CORPUS_BYTES["default"], seed=0)  # 5 MB in about a second
@@ -34,13 +34,13 @@ A held-out name never appears in the generated text. A fact about a visible
 entity whose VALUE is a held-out entity (Arira's best friend is Wendel) is left
 out of the text too: `visible_facts` lists the facts the text does state.
 
-Run `python step1_tokenizer/world.py` to see a sample.
+Run `python common/world/world.py` to see a sample.
 """
 import sys
 import pathlib
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import argparse
 import random

@@ -3,7 +3,7 @@
 Two sources, one shape (a list of document strings):
 - a file the user passes: plain UTF-8 text, one document per blank-line-separated
   block, or JSONL with one {"text": ...} object per line (minimind's pretrain format);
-- the default corpus, generated offline from the fictional world in world.py.
+- the default corpus, generated offline from the fictional world in world.py (beside this file).
 Step 1 and step 3 both call `default_documents`, so the tokenizer is trained on
 exactly the text the model is pretrained on.
 
@@ -16,8 +16,6 @@ from pathlib import Path
 
 from common.cli import UserError
 
-QUICK_BYTES = 200_000       # --quick: seconds to train on
-DEFAULT_BYTES = 5_000_000   # default profile: minutes on a laptop CPU
 HELDOUT_FRACTION = 0.02     # whole documents kept aside for validation
 SKILL_SHARE = 0.3           # share of the default corpus that is skill text (skills.py)
 QUIZ_SHARE = 0.1            # share of the default corpus that is quiz pages (world.quiz_documents)
@@ -98,11 +96,11 @@ def generated_documents(quick: bool = False, seed: int = 0) -> list[str]:
 
 
 def _world_and_skill_documents(quick: bool, seed: int) -> tuple[list[str], list[str]]:
-    from step1_tokenizer.skills import skill_documents
-    from step1_tokenizer.world import build_world, generate_documents, quiz_documents
+    from common.world.skills import skill_documents
+    from common.world.world import CORPUS_BYTES, build_world, generate_documents, quiz_documents
 
     world = build_world(seed, "quick" if quick else "default")
-    target = QUICK_BYTES if quick else DEFAULT_BYTES
+    target = CORPUS_BYTES[world.size]
     return (generate_documents(world, target_bytes=round(target * (1 - SKILL_SHARE - QUIZ_SHARE)), seed=seed)
             + quiz_documents(world, target_bytes=round(target * QUIZ_SHARE), seed=seed),
             skill_documents(world, target_bytes=round(target * SKILL_SHARE), seed=seed))

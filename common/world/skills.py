@@ -18,7 +18,7 @@ so a document can only be predicted by looking back at what it said before.
 """
 import random
 
-from step1_tokenizer.world import FOODS, SPECIES, World
+from common.world.world import FOODS, SPECIES, World
 
 ITEMS = ["apples", "berries", "mushrooms", "coins", "beetles", "seeds"]   # things people count
 # Things people list: words the world text spells often, so each is one token (step 4 reuses these).
