@@ -29,6 +29,15 @@ from common.distributed import DistInfo, all_reduce_mean
 from common.plot import new_figure, save_figure
 
 
+def resolve_profile(args, device, profiles: dict) -> dict:
+    """The settings of a run: the profile's ("quick" with --quick, "gpu" on CUDA, else "default"),
+    then every flag the user gave (a flag left at None keeps the profile's value)."""
+    profile = "quick" if args.quick else ("gpu" if device.type == "cuda" else "default")
+    settings = {"profile": profile, **profiles[profile]}
+    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
+    return settings
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000

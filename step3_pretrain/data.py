@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from common.checkpoint import atomic_write_text
@@ -78,6 +79,18 @@ def prepare(data_dir, tokenizer_path=None, input_path=None, quick=False, echo_ga
     meta["dtype"] = str(tokens.dtype)
     atomic_write_text(data_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def random_windows(tokens, block_size: int, batch_size: int, seed: int, step: int, micro: int) -> dict:
+    """The micro-batch `micro` of step `step`: random windows, a pure function of its arguments.
+
+    Seeding from (seed, step, micro) instead of drawing from a running generator is what
+    makes --resume exact and lets each DDP rank draw its own share without talking to the others.
+    """
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
+    window = torch.from_numpy(np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts]))
+    return {"idx": window[:, :-1], "targets": window[:, 1:]}
 
 
 def load_tokens(data_dir, split: str, tokenizer_path=None):

@@ -16,7 +16,6 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 
 from common.checkpoint import save_checkpoint
@@ -27,9 +26,9 @@ from common.metrics import write_metrics
 from common.model import ModelConfig, Transformer, checkpoint_dict
 from common.paths import step_dir
 from common.seed import seed_everything
-from common.train import TrainConfig, train
+from common.train import TrainConfig, resolve_profile, train
 from step1_tokenizer.bpe import load_tokenizer
-from step3_pretrain.data import load_tokens
+from step3_pretrain.data import load_tokens, random_windows
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 
 # Sizes for each profile. "default" fits ~10 minutes on a 2-core laptop CPU;
@@ -49,28 +48,9 @@ TRAIN_KEYS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "ev
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
-def random_windows(tokens, block_size: int, batch_size: int, seed: int, step: int, micro: int) -> dict:
-    """The micro-batch `micro` of step `step`: random windows, a pure function of its arguments.
-
-    Seeding from (seed, step, micro) instead of drawing from a running generator is what
-    makes --resume exact and lets each DDP rank draw its own share without talking to the others.
-    """
-    rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
-    window = torch.from_numpy(np.stack([np.asarray(tokens[s:s + block_size + 1], dtype=np.int64) for s in starts]))
-    return {"idx": window[:, :-1], "targets": window[:, 1:]}
-
-
 def flops_per_token(config: ModelConfig, n_params: int) -> float:
     """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores."""
     return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
-
-
-def resolve_settings(args, device) -> dict:
-    profile = "quick" if args.quick else ("gpu" if device.type == "cuda" else "default")
-    settings = {"profile": profile, **PROFILES[profile]}
-    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
-    return settings
 
 
 def main(argv=None):
@@ -97,7 +77,7 @@ def main(argv=None):
     seed_everything(args.seed)
     from common import kernels
     kernels.set_kernels(args.kernels)
-    settings = resolve_settings(args, device)
+    settings = resolve_profile(args, device, PROFILES)
     data_dir = pathlib.Path(args.data or step_dir(3))
     out_dir = pathlib.Path(args.out or step_dir(3))
     train_tokens, meta = load_tokens(data_dir, "train", args.tokenizer)

@@ -30,9 +30,10 @@ import torch
 
 from common.checkpoint import atomic_write_text
 from common.cli import UserError, add_common_args, next_command, run_main
+from common.model import IGNORE_INDEX
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
-from step3_pretrain.train_pretrain import random_windows
+from step3_pretrain.data import random_windows
 from step4_sft.chat_template import conversation_problem, encode_conversation, shift_labels
 from step4_sft.tasks import make_datasets
 
@@ -164,7 +165,7 @@ def sft_batch(examples: list[Example], batch_size: int, pad_id: int, seed: int, 
 
     replay_rows > 0 appends that many windows of pretraining text (replay_tokens, a 1-D array of
     token ids), as long as the padded conversations and trained on every token. "replay"
-    marks those rows, so the loss can weigh them apart (train_sft.sft_loss)."""
+    marks those rows, so the loss can weigh them apart (sft.sft_loss)."""
     rng = np.random.default_rng([seed, step, micro])
     batch = collate([examples[i] for i in rng.integers(0, len(examples), size=batch_size)], pad_id)
     replay = torch.zeros(batch_size + replay_rows, dtype=torch.bool)
@@ -181,14 +182,14 @@ def mask_table(tokenizer, messages) -> str:
     """Token-by-token table: each position's token, its mask, and what it is trained to predict.
 
     'label' is the target after the shift: the NEXT token's id where that token has mask 1,
-    else -100 (ignored). So the row that is trained to produce an answer's first token is the
+    else IGNORE_INDEX (-100, ignored). So the row that is trained to produce an answer's first token is the
     header's last token (the newline after 'assistant'), whose own mask is 0."""
     ids, mask = encode_conversation(tokenizer, messages)
     inputs, targets = shift_labels(torch.tensor(ids), torch.tensor(mask))
     rows = [f"{'pos':>4}  {'token':<18} {'id':>6}  {'mask':>4}  {'label':>6}  {'shifted mask':>12}"]
     for pos, token_id in enumerate(ids):
         label = int(targets[pos]) if pos < len(targets) else None
-        shifted = "" if label is None else str(int(label != -100))
+        shifted = "" if label is None else str(int(label != IGNORE_INDEX))
         token = repr(tokenizer.token_bytes(token_id).decode("utf-8", errors="backslashreplace"))
         rows.append(f"{pos:>4}  {token:<18} {token_id:>6}  {mask[pos]:>4}  {'' if label is None else label:>6}  "
                     f"{shifted:>12}")

@@ -37,7 +37,7 @@ from step4_sft.chat import load_chat_model, reply
 from step4_sft.chat_template import CONTENT_PREFIX, encode_prompt
 from step4_sft.data import SkipReport, read_conversations, write_jsonl
 from step4_sft.tasks import TASKS, score
-from step4_sft.train_sft import file_mb
+from step4_sft.sft import file_mb
 
 SECTIONS = ("base", "full_sft", "lora")
 EXTRA_TOKENS = 16  # a reply this much longer than the expected one is wrong anyway: stop generating

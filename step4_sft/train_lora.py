@@ -20,17 +20,16 @@ from common.cli import UserError, next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
 from step4_sft.lora import apply_lora, count_trainable, parse_targets, save_adapter
-from step4_sft.train_sft import PROFILES as SFT_PROFILES
-from step4_sft.train_sft import add_sft_args, file_mb, run_sft, setup
+from step4_sft.sft import PROFILES as SFT_PROFILES
+from step4_sft.sft import add_sft_args, file_mb, run_sft, setup
 
 # LoRA trains far fewer numbers, each of which must move further: a larger learning rate
-# than full fine-tuning, and no weight decay (it would pull B A back towards "no change").
-# 10x is measured: on a 600-step run, 3x left validation loss at 1.03, 10x reached 0.87 and
-# 20x ended worse, at 1.16 (step4_sft/EXPERIMENTS.md).
+# than full fine-tuning (10x, chosen by a sweep in step4_sft/EXPERIMENTS.md), and no weight
+# decay (it would pull B A back towards "no change").
 PROFILES = {name: {**p, "lr": p["lr"] * 10} for name, p in SFT_PROFILES.items()}
-# And more steps: a LoRA step costs a third less than a full SFT step (no replayed rows, no
-# optimizer state for the frozen weights), and its loss was still falling at 1000 steps; 1500
-# steps (still under 10 minutes) lifted overall accuracy from 44 to 49 % (EXPERIMENTS.md).
+# And more steps: a LoRA step costs less than a full SFT step (no replayed rows, no optimizer
+# state for the frozen weights), and its loss is still falling where full SFT stops
+# (step4_sft/EXPERIMENTS.md, still under 10 minutes).
 PROFILES["default"] = {**PROFILES["default"], "max_steps": 1500}
 
 
@@ -40,7 +39,7 @@ def main(argv=None):
     parser.add_argument("--lora_alpha", type=float, default=16.0,
                         help="the update is scaled by alpha / r (default 16)")
     # 0 by default: on this small model LoRA underfits (validation loss close to the training loss),
-    # so dropout has nothing to guard against. Measured once each: 0.05 scored 49.2 % overall, 0 scored 52.0 %.
+    # so dropout has nothing to guard against (step4_sft/EXPERIMENTS.md).
     parser.add_argument("--lora_dropout", type=float, default=0.0,
                         help="dropout on the LoRA branch's input while training (default 0)")
     parser.add_argument("--target_modules", default="wq,wv",
@@ -54,8 +53,8 @@ def main(argv=None):
                              "attention from collapsing at a larger --lr but scored lower: EXPERIMENTS.md)")
     add_sft_args(parser, PROFILES)
     # No replay by default: it protects weights that fine-tuning changes, and LoRA leaves every
-    # base weight frozen. Measured: with it, LoRA's tiny capacity went to the world text instead
-    # of the answers (overall 11.8 % against 35.4 % without, on the earlier base model; EXPERIMENTS.md).
+    # base weight frozen; with it, LoRA's small capacity goes to the world text instead of the
+    # answers (step4_sft/EXPERIMENTS.md).
     parser.set_defaults(replay_rows=0)
     args = parser.parse_args(argv)
     if args.weight_decay < 0:

@@ -9,12 +9,9 @@ training loop (common/train.py). Only the data and the loss mask differ: the
 model reads whole conversations but is scored only on the assistant's tokens,
 so it learns to WRITE answers, not to predict what users type.
 
-Each batch also carries a few rows of step 3's world text ("replay"), trained on every token
-at a fifth of the answers' weight. Fine-tuned on answers alone, the model forgot what it had
-read: asked about facts it was never quizzed on in SFT, it got 23 % right; with replay, 82 %
-(EXPERIMENTS.md; measured on the base model before step 3's practice sums).
-
-The pieces that train_lora.py shares (arguments, data, the training call) are here.
+Each batch also carries a few rows of step 3's world text ("replay"), so that
+fine-tuning does not erase what pretraining taught. The pieces train_lora.py
+shares (flags, setup, loss, the training run) are in sft.py.
 """
 import argparse
 import pathlib
@@ -23,160 +20,12 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import torch
-
 from common.checkpoint import save_checkpoint
-from common.cli import UserError, add_common_args, next_command, run_main
-from common.device import pick_device
-from common.distributed import init_distributed
+from common.cli import next_command, run_main
 from common.metrics import write_metrics
-from common.model import checkpoint_dict, cross_entropy_loss, load_model
+from common.model import checkpoint_dict
 from common.paths import step_dir
-from common.seed import seed_everything
-from common.train import TrainConfig, train
-from step1_tokenizer.bpe import load_tokenizer
-from common.world.corpus import world_training_documents
-from step3_pretrain.data import encode_documents, load_tokens
-from step4_sft.data import MAKE_SAMPLE, collate, load_examples, sft_batch
-
-MAKE_BASE = "python step3_pretrain/train_pretrain.py"
-REPLAY_WEIGHT = 0.2  # the replayed text's loss counts a fifth as much as the answers' (see sft_loss)
-# Any flag given on the command line wins over its profile. Fine-tuning moves a trained model
-# a little: a smaller learning rate than pretraining. 1000 default steps, not 600, is measured:
-# math answers rose from 59 % to 89 % (step4_sft/EXPERIMENTS.md), still inside the 10-minute budget.
-# 1300 steps also meet the targets on a second pretraining seed, but end within a minute of the budget.
-# batch_size counts conversations; --replay_rows (default a third of that) rows of pretraining text come on top.
-PROFILES = {
-    "quick": dict(max_steps=30, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=5, eval_every=0, ckpt_every=0),
-    "default": dict(max_steps=1000, batch_size=12, grad_accum=1, lr=1e-3, warmup_steps=30, eval_every=200,
-                    ckpt_every=200),
-    "gpu": dict(max_steps=1000, batch_size=64, grad_accum=1, lr=5e-4, warmup_steps=50, eval_every=200,
-                ckpt_every=500),
-}
-TRAIN_KEYS = tuple(PROFILES["default"])
-
-
-def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.ArgumentParser:
-    """The flags train_sft.py and train_lora.py share."""
-    parser.add_argument("--checkpoint", default=None, help="pretrained model (default out/step3/model.pt)")
-    parser.add_argument("--data", default=None,
-                        help="training conversations, JSONL (default out/step4/sft_train.jsonl)")
-    parser.add_argument("--eval_data", default=None,
-                        help="held-out conversations for the validation loss (default out/step4/sft_eval.jsonl)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
-    parser.add_argument("--out", default=None, help="output folder (default out/step4)")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad line of the data")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
-    parser.add_argument("--replay_rows", type=int, default=None,
-                        help="rows of pretraining text added to each batch of conversations, so fine-tuning "
-                             "does not erase what pretraining taught; 0 turns replay off (default: a third "
-                             "of --batch_size, 4 with the default 12)")
-    parser.add_argument("--replay_weight", type=float, default=REPLAY_WEIGHT,
-                        help=f"weight of the replayed text's mean loss beside the answers' (default {REPLAY_WEIGHT})")
-    parser.add_argument("--replay_data", default=None,
-                        help="replay the tokens in this folder's train.bin (made by step3_pretrain/data.py, "
-                             "e.g. out/step3 for all of step 3's text) instead of the default: the world "
-                             "documents of step 3's generated corpus")
-    for key in TRAIN_KEYS:
-        parser.add_argument(f"--{key}", type=type(profiles["default"][key]), default=None,
-                            help=f"default {profiles['default'][key]} (quick: {profiles['quick'][key]})")
-    add_common_args(parser)
-    return parser
-
-
-def setup(args, profiles: dict) -> dict:
-    """Device, settings, tokenizer, the pretrained model and the tokenized data."""
-    device = pick_device(args.device)
-    dist = init_distributed(device)
-    if device.type == "cuda" and dist.world_size > 1:
-        device = torch.device("cuda", dist.local_rank)
-    seed_everything(args.seed)
-    profile = "quick" if args.quick else ("gpu" if device.type == "cuda" else "default")
-    settings = {"profile": profile, **profiles[profile]}
-    settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
-
-    out_dir = pathlib.Path(args.out or step_dir(4))
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_BASE)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
-                        f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
-    max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
-    data_path = pathlib.Path(args.data or step_dir(4) / "sft_train.jsonl")
-    examples = load_examples(data_path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
-    eval_path = pathlib.Path(args.eval_data or step_dir(4) / "sft_eval.jsonl")
-    val_examples = (load_examples(eval_path, tokenizer, max_tokens, verbose=False)
-                    if args.eval_data or eval_path.exists() else [])
-    replay_rows = settings["batch_size"] // 3 if args.replay_rows is None else args.replay_rows
-    if replay_rows < 0:
-        raise UserError(f"--replay_rows must be 0 or more, not {replay_rows}")
-    replay_tokens = None
-    if replay_rows and args.replay_data:
-        replay_tokens = load_tokens(args.replay_data, "train", args.tokenizer)[0]
-    elif replay_rows:
-        # The world text only, not the skill text: its random names and numbers, which no model can
-        # predict, push against the copying SFT teaches (measured on the earlier base model:
-        # instructions 19 % -> 50 %, README).
-        replay_tokens = encode_documents(tokenizer, world_training_documents(quick=args.quick), "replay text")
-    if replay_rows and len(replay_tokens) <= max_tokens:
-        raise UserError(f"the replay text has only {len(replay_tokens)} tokens, fewer than the context "
-                        f"({max_tokens}); pass --replay_rows 0 or a longer --replay_data")
-    if dist.is_main:
-        print(f"{len(examples):,} training conversations from {data_path}, "
-              f"{sum(sum(e.mask) for e in examples):,} assistant tokens; each batch: {settings['batch_size']} "
-              f"conversations + {replay_rows} rows of pretraining text")
-    return dict(device=device, dist=dist, settings=settings, out_dir=out_dir, tokenizer=tokenizer,
-                model=model, examples=examples, val_examples=val_examples,
-                replay_tokens=replay_tokens, replay_rows=replay_rows, replay_weight=args.replay_weight)
-
-
-@torch.no_grad()
-def assistant_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
-    """Mean loss per assistant token over `examples`: the validation loss."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for first in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[first:first + batch_size], pad_id).items()}
-        n = int((batch["targets"] != -100).sum())
-        total += float(model(**batch)[1]) * n
-        count += n
-    return total / max(count, 1)
-
-
-def sft_loss(model, batch: dict, replay_weight: float = REPLAY_WEIGHT):
-    """Mean loss over the assistant tokens of the conversations, plus replay_weight times the
-    mean loss over the replayed pretraining rows (batch["replay"] marks them), if any.
-    Two means, not one over all tokens: the replayed rows hold more tokens than the answers
-    and would otherwise outweigh them (measured once, on an earlier base model: math answers
-    fell from 85 % to 57 % with one mean over all tokens)."""
-    logits, _ = model(batch["idx"])
-    replay, targets = batch["replay"], batch["targets"]
-    loss = cross_entropy_loss(logits[~replay], targets[~replay])
-    if replay.any():
-        loss = loss + replay_weight * cross_entropy_loss(logits[replay], targets[replay])
-    return loss
-
-
-def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: float | None = None) -> dict:
-    """Train with the shared loop on random padded batches of conversations; return its figures."""
-    settings, examples, pad_id = run["settings"], run["examples"], run["tokenizer"].eot_id
-    cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
-    if weight_decay is not None:
-        cfg.weight_decay = weight_decay
-    val = run["val_examples"][::max(1, len(run["val_examples"]) // 200)]  # every kind of task, ~200 conversations
-    return train(
-        model, cfg,
-        lambda step, micro: sft_batch(examples, cfg.batch_size, pad_id, seed, step, micro,
-                                      run["replay_tokens"], run["replay_rows"]),
-        loss_fn=lambda m, batch: sft_loss(m, batch, run["replay_weight"]),
-        device=run["device"], checkpoint_path=run["out_dir"] / f"{name}_checkpoint.pt",
-        eval_fn=(lambda m: assistant_loss(m, val, pad_id)) if val else None,
-        resume=resume, checkpoint_meta={"config": model.config.to_dict()}, dist_info=run["dist"],
-        desc=name, plot_path=run["out_dir"] / f"{name}_loss.png")
-
-
-def file_mb(path) -> float:
-    return round(pathlib.Path(path).stat().st_size / 2**20, 3)
+from step4_sft.sft import PROFILES, add_sft_args, file_mb, run_sft, setup
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from step1_tokenizer.bpe import Tokenizer, train_bpe
 from common.world.world import ask, build_world, generate_documents, split_facts
 from step4_sft import data as sft_data
-from step4_sft import eval_sft, train_lora, train_sft
+from step4_sft import eval_sft, sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt, reply, stream_reply
 from step4_sft.chat_template import decode_reply, encode_conversation, encode_prompt, shift_labels
 from step3_pretrain.data import load_tokens, prepare
@@ -242,9 +242,9 @@ def test_minimind_style_file_loads_and_trains(tok, files, tmp_path):
 def test_quick_sft_run_lowers_assistant_loss_below_bound(tok, files, tmp_path):
     base = load_model(files / "base.pt")
     examples = load_examples(files / "sft_train.jsonl", tok, base.config.block_size + 1, verbose=False)[:64]
-    before = train_sft.assistant_loss(base, examples, tok.eot_id)
+    before = sft.assistant_loss(base, examples, tok.eot_id)
     result = train_sft.main(script_args(files, tmp_path) + ["--max_steps", "30", "--lr", "1e-2"])
-    after = train_sft.assistant_loss(load_model(tmp_path / "sft_model.pt"), examples, tok.eot_id)
+    after = sft.assistant_loss(load_model(tmp_path / "sft_model.pt"), examples, tok.eot_id)
     assert before > 6.0  # about ln(vocab size 760) = 6.6: the random base model knows nothing
     assert after < 4.5, f"assistant-token loss {before:.2f} -> {after:.2f}"  # measured: 3.97
     assert result["trainable_params"] == result["total_params"] == count_trainable(base)[1]
@@ -262,8 +262,8 @@ def test_replayed_pretraining_rows_are_marked_and_weighed_apart(tok, files):
     model = load_model(files / "base.pt")
     with torch.no_grad():
         answers, replay = (model(batch["idx"][rows], batch["targets"][rows])[1] for rows in (slice(0, 6), slice(6, 8)))
-        torch.testing.assert_close(train_sft.sft_loss(model, batch, replay_weight=0.0), answers)
-        torch.testing.assert_close(train_sft.sft_loss(model, batch, replay_weight=0.5), answers + 0.5 * replay)
+        torch.testing.assert_close(sft.sft_loss(model, batch, replay_weight=0.0), answers)
+        torch.testing.assert_close(sft.sft_loss(model, batch, replay_weight=0.5), answers + 0.5 * replay)
 
 
 # ----------------------------------------------------------------------------- LoRA
