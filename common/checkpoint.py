@@ -62,3 +62,58 @@ def load_checkpoint(path, map_location="cpu", hint: str = "") -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}{then}")
     return obj
+
+
+# ----------------------------------------------------------------------------- models
+
+def checkpoint_dict(model, **extra) -> dict:
+    """What a checkpoint holds for a model: {"config": dict, "model": state_dict, **extra}
+    (extra: optimizer state, step, RNG state, ... for training; common/train.py saves
+    "model" itself, so pass it checkpoint_meta={"config": model.config.to_dict()})."""
+    return {"config": model.config.to_dict(), "model": model.state_dict(), **extra}
+
+
+def load_weights(model, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load weights, or raise a one-line UserError that names what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k} is {tuple(state_dict[k].shape)} there but {tuple(own[k].shape)} here"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = "; ".join(wrong[:3] + ([f"missing {missing[:3]}"] if missing else [])
+                           + ([f"unexpected {unexpected[:3]}"] if unexpected else []))
+        raise UserError(f"{source}: this checkpoint was made for a different model config: {detail}")
+    model.load_state_dict(state_dict)
+
+
+def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", config=None):
+    """Rebuild the model in a checkpoint dict. With `config` (a ModelConfig or dict), build that
+    model instead and check that the checkpoint fits it."""
+    from common.model import ModelConfig, Transformer
+
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{source}: not a model checkpoint (it needs 'config' and 'model' entries)")
+    saved = ModelConfig.from_dict(ckpt["config"], source)
+    if config is None:
+        config = saved
+    elif isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    model = Transformer(config)
+    try:
+        load_weights(model, ckpt["model"], source)
+    except UserError as err:
+        differ = [f"{k}={v} there but {getattr(config, k)} here"
+                  for k, v in saved.to_dict().items() if getattr(config, k) != v]
+        if differ:
+            raise UserError(f"{source}: this checkpoint was made for a different model config: "
+                            + "; ".join(differ) + " (load it with its own config, or retrain)") from None
+        raise err
+    return model
+
+
+def load_model(path, device="cpu", config=None, hint: str = "python step3_pretrain/train_pretrain.py"
+               ):
+    """Load a model checkpoint file (see checkpoint_dict) onto `device`, in eval mode."""
+    ckpt = load_checkpoint(path, map_location="cpu", hint=hint)
+    return model_from_checkpoint(ckpt, str(path), config).to(device).eval()

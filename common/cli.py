@@ -55,3 +55,40 @@ def run_main(main) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- model flags
+
+def add_model_args(parser, defaults=None):
+    """--vocab_size, --block_size, --n_layer, ... one flag per ModelConfig field (defaults: a ModelConfig)."""
+    from dataclasses import fields
+
+    from common.model import ModelConfig
+
+    defaults = defaults or ModelConfig()
+    group = parser.add_argument_group("model size (ModelConfig)")
+    for f in fields(ModelConfig):
+        value = getattr(defaults, f.name)
+        if f.type is bool:
+            group.add_argument(f"--{f.name}", type=true_or_false, default=value, metavar="{true,false}",
+                               help=f"default {str(value).lower()}")
+        else:
+            group.add_argument(f"--{f.name}", type=f.type, default=value, help=f"default {value}")
+    return parser
+
+
+def config_from_args(args):
+    """The ModelConfig the add_model_args flags describe."""
+    from dataclasses import fields
+
+    from common.model import ModelConfig
+
+    return ModelConfig(**{f.name: getattr(args, f.name) for f in fields(ModelConfig)})
+
+
+def true_or_false(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)  # argparse turns this into "invalid true_or_false value"

@@ -22,13 +22,15 @@ from dataclasses import replace
 
 import torch
 
+from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
-from common.model import ModelConfig, Transformer, attention_maps, load_model
+from common.model import ModelConfig, Transformer
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
 from step1_tokenizer.bpe import TRAIN_COMMAND, default_tokenizer_path, load_tokenizer, render_token
+from step2_model.inspect_model import attention_maps
 
 DEFAULT_TEXT = "Once upon a time, a small dragon lived by the river."
 QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)

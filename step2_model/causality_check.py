@@ -20,9 +20,10 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
+from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
-from common.model import ModelConfig, Transformer, load_model
+from common.model import ModelConfig, Transformer
 from common.seed import seed_everything
 
 QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)

@@ -26,10 +26,10 @@ from dataclasses import replace
 
 import torch
 
-from common.cli import UserError, add_common_args, run_main
+from common.cli import UserError, add_common_args, add_model_args, config_from_args, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.model import ModelConfig, Transformer, add_model_args, config_from_args, kv_cache_bytes
+from common.model import ModelConfig, Transformer, kv_cache_bytes
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything

@@ -19,10 +19,10 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 from dataclasses import replace
 
-from common.cli import add_common_args, run_main
+from common.cli import add_common_args, add_model_args, config_from_args, run_main
 from common.metrics import write_metrics
-from common.model import (Transformer, add_model_args, config_from_args, count_parameters, kv_cache_bytes,
-                          param_formula)
+from common.model import Transformer, kv_cache_bytes
+from step2_model.inspect_model import count_parameters, param_formula
 
 PARTS = ("embedding", "attention", "ffn", "norms", "lm_head")
 

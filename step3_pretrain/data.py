@@ -28,10 +28,10 @@ from tqdm import tqdm
 from common.checkpoint import atomic_write_text
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.paths import step_dir
-from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer
 from common.world.corpus import HELDOUT_FRACTION, default_documents, read_documents, split_heldout
 from common.world.skills import echo_documents
 from common.world.world import build_world
+from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer
 
 MAKE_DATA = "python step3_pretrain/data.py"
 

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
-from common.model import load_model
 from common.paths import step_dir
-from step1_tokenizer.bpe import load_tokenizer
 from common.world.corpus import read_documents
+from step1_tokenizer.bpe import load_tokenizer
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:

@@ -30,14 +30,14 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
+from common.checkpoint import load_model
 from common.cli import add_common_args, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.model import load_model
 from common.paths import step_dir
-from step1_tokenizer.bpe import load_tokenizer
 from common.world.skills import MAX_NUMBER, MAX_TOTAL, skill_documents
 from common.world.world import ask, build_world, phrasings, split_facts
+from step1_tokenizer.bpe import load_tokenizer
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
 # Where a skill document is cut for the copying probe, and where its copied part ends: the numbered

@@ -14,9 +14,9 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
+from common.checkpoint import load_model
 from common.cli import add_common_args, run_main
 from common.device import pick_device
-from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 

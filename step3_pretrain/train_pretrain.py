@@ -18,12 +18,12 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
-from common.checkpoint import save_checkpoint
+from common.checkpoint import checkpoint_dict, save_checkpoint
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.distributed import init_distributed
 from common.metrics import write_metrics
-from common.model import ModelConfig, Transformer, checkpoint_dict
+from common.model import ModelConfig, Transformer
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train

@@ -22,9 +22,9 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
+from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
-from common.model import load_model
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step4_sft.chat_template import decode_reply, encode_prompt

@@ -29,15 +29,15 @@ from tqdm import tqdm
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.metrics import read_metrics, write_metrics
-from common.model import attention_entropy
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from step1_tokenizer.bpe import load_tokenizer
+from step2_model.inspect_model import attention_entropy
 from step4_sft.chat import load_chat_model, reply
 from step4_sft.chat_template import CONTENT_PREFIX, encode_prompt
 from step4_sft.data import SkipReport, read_conversations, write_jsonl
-from step4_sft.tasks import TASKS, score
 from step4_sft.sft import file_mb
+from step4_sft.tasks import TASKS, score
 
 SECTIONS = ("base", "full_sft", "lora")
 EXTRA_TOKENS = 16  # a reply this much longer than the expected one is wrong anyway: stop generating

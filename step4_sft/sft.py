@@ -17,10 +17,11 @@ import pathlib
 
 import torch
 
+from common.checkpoint import load_model
 from common.cli import UserError, add_common_args
 from common.device import pick_device
 from common.distributed import init_distributed
-from common.model import IGNORE_INDEX, cross_entropy_loss, load_model
+from common.model import IGNORE_INDEX, cross_entropy_loss
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train

@@ -20,8 +20,7 @@ from common.cli import UserError, next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
 from step4_sft.lora import apply_lora, count_trainable, parse_targets, save_adapter
-from step4_sft.sft import PROFILES as SFT_PROFILES
-from step4_sft.sft import add_sft_args, file_mb, run_sft, setup
+from step4_sft.sft import PROFILES as SFT_PROFILES, add_sft_args, file_mb, run_sft, setup
 
 # LoRA trains far fewer numbers, each of which must move further: a larger learning rate
 # than full fine-tuning (10x, chosen by a sweep in step4_sft/EXPERIMENTS.md), and no weight

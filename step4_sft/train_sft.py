@@ -20,10 +20,9 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from common.checkpoint import save_checkpoint
+from common.checkpoint import checkpoint_dict, save_checkpoint
 from common.cli import next_command, run_main
 from common.metrics import write_metrics
-from common.model import checkpoint_dict
 from common.paths import step_dir
 from step4_sft.sft import PROFILES, add_sft_args, file_mb, run_sft, setup
 

@@ -10,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common.paths
-from common.checkpoint import save_checkpoint
+from common.checkpoint import checkpoint_dict, load_model, save_checkpoint
 from common.cli import UserError
-from common.model import (Attention, KVCache, ModelConfig, Transformer, apply_rope, attention_entropy,
-                          attention_maps, checkpoint_dict, count_parameters, kv_cache_bytes, load_model,
-                          next_token_probs, param_formula, rope_tables)
+from common.model import (Attention, KVCache, ModelConfig, Transformer, apply_rope, kv_cache_bytes, next_token_probs,
+                          rope_tables)
+from step2_model.inspect_model import attention_entropy, attention_maps, count_parameters, param_formula
 
 # Small but complete: GQA (4 query heads share 2 kv heads), 2 layers, tied embeddings.
 TINY = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)

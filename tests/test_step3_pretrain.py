@@ -13,8 +13,8 @@ from common.cli import UserError
 from common.metrics import read_metrics
 from common.model import ModelConfig, Transformer
 from common.train import TrainConfig, lr_at, make_optimizer, train
-from step1_tokenizer.bpe import Tokenizer
 from common.world.corpus import default_documents
+from step1_tokenizer.bpe import Tokenizer
 from step3_pretrain import data, train_pretrain
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 from tests.verification import REPO_ROOT

@@ -12,16 +12,15 @@ import re
 import pytest
 import torch
 
+from common.checkpoint import checkpoint_dict, load_checkpoint, load_model, save_checkpoint
 from common.cli import UserError
-from common.model import IGNORE_INDEX, ModelConfig, Transformer, checkpoint_dict, load_model
-from common.checkpoint import load_checkpoint, save_checkpoint
-from step1_tokenizer.bpe import Tokenizer, train_bpe
+from common.model import IGNORE_INDEX, ModelConfig, Transformer
 from common.world.world import ask, build_world, generate_documents, split_facts
-from step4_sft import data as sft_data
-from step4_sft import eval_sft, sft, train_lora, train_sft
+from step1_tokenizer.bpe import Tokenizer, train_bpe
+from step3_pretrain.data import load_tokens, prepare
+from step4_sft import data as sft_data, eval_sft, sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt, reply, stream_reply
 from step4_sft.chat_template import decode_reply, encode_conversation, encode_prompt, shift_labels
-from step3_pretrain.data import load_tokens, prepare
 from step4_sft.data import Example, collate, load_examples, mask_table, sft_batch
 from step4_sft.lora import (LoRALinear, TokenRows, adapter_dict, apply_lora, count_trainable, load_adapter,
                             lora_layers, merge_lora, save_adapter, token_rows)
