@@ -234,6 +234,57 @@ def apply_overrides(world: World, overrides) -> World:
     return World(world.seed, world.size, dict(world.entities), facts, dict(world.pronouns))
 
 
+NEWCOMERS = {"default": {"person": 12, "creature": 8}, "quick": {"person": 4, "creature": 2}}
+
+
+def add_newcomers(world: World, n_people: int, n_creatures: int, seed: int = 1) -> World:
+    """A new World: the same entities and facts, plus `n_people` people and `n_creatures` creatures that
+    no training text ever names (step 5 stores them only in its retrieval database).
+
+    Their names come from the same syllables, never contain or hide inside an existing name, and never
+    have the consonant-vowel shape of skills.new_name's made-up strangers, so they occur in no text of
+    the corpus or of step 4's conversations. Their facts are drawn from the same closed value sets;
+    they live in existing towns, and their best friends and pets are other newcomers (best friends
+    come in pairs: a newcomer befriending an existing person would rewrite that person's fact).
+    The existing entities' facts are unchanged, so the corpus of `world` is unchanged too."""
+    from common.world.skills import CONSONANTS, VOWELS  # (skills imports this module)
+
+    made_up_shape = re.compile(f"(?:[{CONSONANTS}][{VOWELS}]){{2,3}}")
+    rng = random.Random(f"newcomers {world.seed} {seed}")
+    taken = list(world.entities)
+
+    def fresh(syllables, count):
+        names = []
+        while len(names) < count:
+            name = _make_names(rng, syllables, 1, taken)[0]  # (reserved in `taken` even if refused)
+            if not made_up_shape.fullmatch(name.lower()):
+                names.append(name)
+        return names
+
+    people, creatures = fresh(PERSON_SYLLABLES, n_people), fresh(CREATURE_SYLLABLES, n_creatures)
+    places = world.names("place")
+    values = {name: {} for name in people + creatures}
+    for person in people:
+        values[person] = {"lives_in": rng.choice(places), "profession": rng.choice(list(PROFESSIONS)),
+                          "favorite_color": rng.choice(FAVORITE_COLORS)}
+    order = rng.sample(people, len(people))
+    for a, b in zip(order[0::2], order[1::2]):
+        values[a]["friend"], values[b]["friend"] = b, a
+    for creature in creatures:
+        values[creature] = {"species": rng.choice(SPECIES), "lives_in": rng.choice(places),
+                            "color": rng.choice(CREATURE_COLORS), "food": rng.choice(FOODS)}
+        owners = [p for p in people if values[p]["lives_in"] == values[creature]["lives_in"] and "pet" not in values[p]]
+        if owners and rng.random() < PET_CHANCE:
+            values[rng.choice(owners)]["pet"] = creature
+    kinds = {**{p: "person" for p in people}, **{c: "creature" for c in creatures}}
+    facts = [Fact(name, rel, values[name][rel]) for name, kind in kinds.items()
+             for rel in KIND_RELATIONS[kind] if rel in values[name]]
+    pronouns = {name: ("it" if kind != "person" else "she" if name.endswith(FEMININE_ENDINGS) else "he")
+                for name, kind in kinds.items()}
+    return World(world.seed, world.size, {**world.entities, **kinds}, world.facts + facts,
+                 {**world.pronouns, **pronouns})
+
+
 def _check_hold_out(world: World, hold_out) -> frozenset:
     if isinstance(hold_out, str):  # one name, not a list of letters
         hold_out = [hold_out]
