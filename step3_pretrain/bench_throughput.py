@@ -7,7 +7,7 @@ nanoGPT's README trains Shakespeare on a CPU with
 (65 characters of vocabulary, dropout 0). This script times our training step -- forward,
 backward, gradient clipping, AdamW -- on that exact shape and prints tokens per second.
 Ours differs inside (RMSNorm, RoPE, SwiGLU, no biases), not in size: the parameter counts
-is about the same (0.8M parameters).
+are about the same. What it measured: step3_pretrain/EXPERIMENTS.md, "Throughput against nanoGPT".
 
     python step3_pretrain/bench_throughput.py --against_gpt2
 
@@ -88,7 +88,7 @@ def compare_with_gpt2(rounds: int, steps: int, compile_too: bool) -> dict:
         for name, build in (("ours", ours), ("nanogpt", nanogpt)):
             model, optimizer = build()
             compiled = torch.compile(model)
-            try:  # compiling happens on the first step: about 20 s each on a CPU
+            try:  # compiling happens on the first step, once per model
                 time_steps(compiled, optimizer, batch, 1, cpu)
             except Exception as error:  # on a CPU, torch.compile needs a C++ compiler
                 first_line = (str(error).strip().splitlines() or [""])[0]
@@ -162,7 +162,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50, help="timed training steps")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model first (fuses the small element-wise operations; "
-                             "about 20 s of compiling on a CPU)")
+                             "compiling takes a while on a CPU: EXPERIMENTS.md, 'Throughput against nanoGPT')")
     parser.add_argument("--against_gpt2", action="store_true",
                         help="time ours beside nanoGPT's GPT-2 in one process, alternating rounds, "
                              "each eager and compiled (no --compile needed)")

@@ -119,7 +119,7 @@ def main(argv=None):
                                         "(world text, quiz pages, skill text)")
     parser.add_argument("--echo_games", type=int, default=0, metavar="N",
                         help="instead of the corpus, N echo games: rows of random words said and said back, "
-                             "text that only copying predicts (README, 'Can more text teach copying?')")
+                             "text that only copying predicts (EXPERIMENTS.md, 'Can more text teach copying?')")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3)")
     add_common_args(parser)

@@ -54,7 +54,7 @@ def evaluate(model, tokenizer, records: list[dict], desc: str = "eval") -> tuple
         replies.append({"task": task, "kind": record.get("kind"), "correct": score(task, answer, expected["content"]),
                         "expected": expected["content"], "reply": answer})
     accuracy = accuracy_by(replies, "task")
-    # Unrounded: a share rounded here and again to 0.1 % when printed can come out 0.1 off (296/356 -> 83.2 %).
+    # Unrounded: a share rounded here and rounded again when printed can come out one digit off.
     accuracy["overall"] = sum(r["correct"] for r in replies) / max(1, len(replies))
     return accuracy, replies
 

@@ -48,8 +48,8 @@ def main(argv=None):
                         help="do not train the embedding rows of <|im_start|> and <|im_end|> (pure LoRA; "
                              "EXPERIMENTS.md measures what the two rows add)")
     parser.add_argument("--weight_decay", type=float, default=0.0,
-                        help="AdamW weight decay on the LoRA matrices and token rows (default 0; 1.0 keeps "
-                             "attention from collapsing at a larger --lr but scored lower: EXPERIMENTS.md)")
+                        help="AdamW weight decay on the LoRA matrices and token rows (default 0; what it does "
+                             "at a larger --lr: EXPERIMENTS.md, 'Why a larger learning rate fails')")
     add_sft_args(parser, PROFILES)
     # No replay by default: it protects weights that fine-tuning changes, and LoRA leaves every
     # base weight frozen; with it, LoRA's small capacity goes to the world text instead of the

@@ -4,10 +4,9 @@ and pages of practice sums.
 
 Why they are in the pretraining corpus: step 4's chat tasks ask the model to hand back a name the
 user gave ten lines earlier, to copy a list, to add 7 and 5. Fine-tuning for a few minutes teaches a
-model the FORMAT of an answer, not a new skill: pretrained without these documents, our model
-recalled 18 % of step 4's names and numbers after fine-tuning, with them 74 % (600 SFT steps;
-step4_sft/EXPERIMENTS.md, "How long to fine-tune"). Real pretraining corpora are full of such text
-(school worksheets included); ours gets it from these templates.
+model the FORMAT of an answer, not a new skill (what fine-tuning gave without these documents:
+step3_pretrain/EXPERIMENTS.md, "Why the skill text is there"). Real pretraining corpora are full of
+such text (school worksheets included); ours gets it from these templates.
 
 None of these documents states a fact about the world: people and towns appear only as names
 (a host meets a traveler in the host's own town, so nothing contradicts the world either), and
@@ -145,9 +144,9 @@ class _Writer:
 
     def worksheet(self) -> str:
         """A page of practice sums, one per line, each starting from the last answer.
-        Why: the stories above hold each sum (7 + 5 = 12) only about a dozen times per pass over the
-        corpus, too rarely for our model to learn it: the pretrained model got 15 % of the sums up to
-        20 right, and step 4's fine-tuning had to teach adding (step 3 README, probe_skills.py)."""
+        Why: the stories above hold each sum (7 + 5 = 12) only a few times per pass over the corpus,
+        too rarely for our model to learn adding from them (step3_pretrain/EXPERIMENTS.md, "What did
+        it learn? The probe on three corpora")."""
         r = self.rng
         total, lines = r.randint(1, MAX_TOTAL), []
         for _ in range(r.randint(8, 14)):
@@ -182,6 +181,6 @@ def skill_documents(world: World, target_bytes: int, seed: int = 0) -> list[str]
 
 def echo_documents(world: World, n: int, seed: int = 0) -> list[str]:
     """n echo games and nothing else: a corpus where the end of every document is a copy
-    (step3_pretrain/data.py --echo_games; step 3 README, "Can more text teach copying?")."""
+    (step3_pretrain/data.py --echo_games; step3_pretrain/EXPERIMENTS.md, "Can more text teach copying?")."""
     writer = _Writer(world, random.Random(seed))
     return [writer.echo() for _ in range(n)]

@@ -24,7 +24,7 @@ Usage:
     from common.world.world import build_world, generate_documents, ask, CORPUS_BYTES
     world = build_world(seed=0)                        # same seed, same world
     world.fact("Wendel", "lives_in")                   # -> 'Caldford'
-    docs = generate_documents(world, target_bytes=CORPUS_BYTES["default"], seed=0)  # 5 MB in about a second
+    docs = generate_documents(world, target_bytes=CORPUS_BYTES["default"], seed=0)  # about 5 MB
     question, answer = ask(world.facts[0])             # ('Where does Wendel live?', 'Wendel lives in Caldford.')
 
 Step 5 holds entities out of the text (they go only into a retrieval database,
