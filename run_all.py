@@ -36,7 +36,7 @@ STEPS = [
                         ["step4_sft/train_lora.py", "--lora_r", "8"],
                         ["step4_sft/eval_sft.py"]]),
 ]
-# Scripts with nothing to place on a device take no --device.
+# Scripts with nothing to place on a device take no --device (nor --threads).
 WITHOUT_DEVICE_FLAG = {"step1_tokenizer/show_tokens.py"}
 
 
@@ -82,6 +82,8 @@ def main(argv=None):
                                "so a full run's models and figures in out/ are left as they are")
     parser.add_argument("--from", dest="start", type=int, default=1, help="first step to run")
     parser.add_argument("--device", default="auto", help="passed to every script")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="passed to every script (default: each script's own choice, common/device.py)")
     args = parser.parse_args(argv)
     seconds = {}
     for step, title, commands in STEPS:
@@ -93,6 +95,7 @@ def main(argv=None):
             cmd = [sys.executable, script, *script_args]
             if script not in WITHOUT_DEVICE_FLAG:
                 cmd += ["--device", args.device]
+                cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--quick"] if args.quick else []
             print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
             if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:

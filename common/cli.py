@@ -5,6 +5,7 @@ problem and what to run next -- not a wall of traceback. Code raises
 `UserError` for such problems and `run_main` prints it.
 """
 import argparse
+import os
 import sys
 
 from common import paths
@@ -15,12 +16,25 @@ class UserError(Exception):
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags every script shares: --quick, --device, --seed."""
+    """Flags every script shares: --quick, --device, --threads, --seed."""
     add_quick_arg(parser)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="where to run; auto picks cuda, then mps, then cpu")
+    parser.add_argument("--threads", type=int, default=None, action=_ThreadsAction, metavar="N",
+                        help="CPU threads for PyTorch (default: 1 with --quick, else one per core; "
+                             "common/device.py says why)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (runs are reproducible)")
     return parser
+
+
+class _ThreadsAction(argparse.Action):
+    """--threads N: set args.threads, and make PyTorch use N threads (see common/device.py)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from common.device import ask_threads  # imports torch: only when the flag is given
+
+        setattr(namespace, self.dest, values)
+        ask_threads(values)
 
 
 class _QuickAction(argparse.Action):
@@ -40,9 +54,24 @@ def add_quick_arg(parser: argparse.ArgumentParser, help: str = "tiny sizes that 
 
 
 def next_command(command: str) -> str:
-    """The command a message tells the learner to run: with --quick in a --quick run, whose
-    inputs are the quick runs' files in out/quick/."""
+    """The command a message tells the learner to run, written as it works from the folder they
+    are in: "python step4_sft/chat.py ..." (a script path from the repository root) becomes
+    "python ../step4_sft/chat.py ..." inside step1_tokenizer/. With --quick in a --quick run,
+    whose inputs are the quick runs' files in out/quick/."""
+    program, _, rest = command.partition(" ")
+    script, _, script_args = rest.partition(" ")
+    if program == "python" and script.endswith(".py"):
+        command = " ".join(part for part in (program, script_path(script), script_args) if part)
     return command + " --quick" if paths.quick_outputs() else command
+
+
+def script_path(script: str) -> str:
+    """A script's path, given from the repository root, as the current folder reaches it
+    (the absolute path when the current folder is outside the repository)."""
+    path = paths.REPO_ROOT / script
+    cwd = os.path.abspath(os.getcwd())
+    inside = cwd == str(paths.REPO_ROOT) or cwd.startswith(str(paths.REPO_ROOT) + os.sep)
+    return os.path.relpath(path, cwd) if inside else str(path)
 
 
 def run_main(main) -> None:

@@ -8,6 +8,9 @@ import sys
 # when a kernel is defined: so before anything (torch._dynamo included) imports triton.
 # Harmless elsewhere: in "auto" mode CPU tensors take the PyTorch path anyway.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests train tiny models, like --quick: one CPU thread each (common/device.py says why). Set here,
+# before torch is imported, so it holds for every test, --quick or not, and for the processes they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections import defaultdict
 
 import pytest

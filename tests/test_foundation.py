@@ -129,3 +129,46 @@ def test_plugin_prints_each_step_list_ticked_and_crossed(pytester):
     out = result.stdout.str()
     assert "Step 99  1/2" in out
     assert re.search(r"(✓|\+) alpha holds", out) and re.search(r"(✗|x) beta holds", out)
+
+
+def test_threads_one_for_a_quick_run_pytorchs_choice_for_a_default_run_and_threads_n_decides(monkeypatch):
+    """A tiny model on several threads waits on itself and, beside another busy process, fights it for the
+    cores (common/device.py): --quick sets one thread, a default run PyTorch's own choice, --threads N wins."""
+    import torch
+
+    import common.device
+    from step2_model import causality_check
+
+    monkeypatch.setattr(common.device, "threads_asked", None)
+    monkeypatch.setattr(common.device, "TORCH_THREADS", 3)  # as if PyTorch had picked three at start-up
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        causality_check.main(["--quick"])
+        assert torch.get_num_threads() == 1
+        causality_check.main(["--quick", "--threads", "2"])
+        assert torch.get_num_threads() == 2 and common.device.threads_asked == 2
+        monkeypatch.setattr(common.device, "threads_asked", None)
+        monkeypatch.setattr(common.paths, "OUT_DIR", common.paths.OUT_DIR.parent)  # out of out/quick/ again
+        causality_check.main(["--tokens", "4"])
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_next_hints_name_the_script_as_the_learners_folder_reaches_it(tmp_path, monkeypatch, capsys):
+    """Inside step1_tokenizer/ the hint says `python show_tokens.py`, and that command runs there."""
+    from common.cli import next_command
+    from step1_tokenizer import train_tokenizer
+
+    monkeypatch.chdir(REPO_ROOT / "step1_tokenizer")
+    assert next_command("python step4_sft/chat.py --lora a.pt") == "python ../step4_sft/chat.py --lora a.pt"
+    train_tokenizer.main(["--quick", "--out", str(tmp_path / "tokenizer.json")])
+    hint = capsys.readouterr().out.split("next: ")[1].strip()
+    assert hint == f"python show_tokens.py --tokenizer {tmp_path / 'tokenizer.json'} --quick"
+    shown = subprocess.run([sys.executable, *hint.split()[1:], "hello"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "for 5 bytes" in shown.stdout, shown.stderr  # "hello": 5 bytes
+    monkeypatch.chdir(REPO_ROOT)
+    assert next_command("python step4_sft/chat.py") == "python step4_sft/chat.py --quick"  # still a quick run
+    monkeypatch.chdir(tmp_path)  # outside the repository: the whole path
+    assert next_command("python run_all.py --from 3") == f"python {REPO_ROOT / 'run_all.py'} --from 3 --quick"
