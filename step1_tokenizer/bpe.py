@@ -14,6 +14,11 @@ Before any of that, text is pre-split by a regular expression into chunks
 (words with their leading space, numbers of at most 3 digits, punctuation
 runs, whitespace), and merges never cross a chunk boundary.
 
+The file reads top to bottom: the textbook trainer (count pairs, merge the most
+frequent, repeat), the same algorithm made fast (train_bpe, what the scripts use),
+the Tokenizer that encodes and decodes with the learned merges, and last the
+tokenizer file: saving, loading and checking it.
+
 Usage:
     from step1_tokenizer.bpe import train_bpe, Tokenizer
     tok = train_bpe(["aaabdaaabac"], vocab_size=256 + 3 + 4)
@@ -62,7 +67,7 @@ TRAIN_COMMAND = "python step1_tokenizer/train_tokenizer.py"
 
 
 # ----------------------------------------------------------------------------
-# The one operation BPE is built on
+# Training, the textbook way: count pairs, merge the most frequent, repeat
 
 
 def merge_pair(ids, pair, new_id):
@@ -89,6 +94,144 @@ def count_pairs(ids):
     return Counter(zip(ids, ids[1:]))
 
 
+def train_bpe_textbook(documents, vocab_size, special_tokens=DEFAULT_SPECIAL_TOKENS, pattern=GPT4_SPLIT_PATTERN):
+    """BPE training as the textbook states it: count every adjacent pair in the
+    whole text, merge the most frequent everywhere, repeat. Ties go to the
+    smallest pair (a, b), so the result never depends on dictionary order.
+    Every merge recounts the whole text: slow on a real corpus (train_bpe
+    below learns exactly the same merges with far less work)."""
+    documents = [documents] if isinstance(documents, str) else documents
+    num_merges = _number_of_merges(vocab_size, len(special_tokens))
+    split = regex.compile(pattern)
+    chunks = [list(chunk.encode("utf-8")) for doc in documents for chunk in split.findall(doc)]
+    merges = []
+    while len(merges) < num_merges:
+        counts = Counter()
+        for ids in chunks:
+            counts.update(zip(ids, ids[1:]))  # every adjacent pair of every chunk
+        if not counts:
+            break  # every chunk is a single token: nothing left to merge
+        best = min(counts, key=lambda pair: (-counts[pair], pair))  # most frequent, then smallest
+        new_id = 256 + len(merges)
+        merges.append(best)
+        chunks = [merge_pair(ids, best, new_id) for ids in chunks]
+    return Tokenizer(merges, special_tokens, pattern)
+
+
+def _number_of_merges(vocab_size, n_special):
+    """How many merges make a vocabulary of vocab_size: 256 bytes + merges + special tokens."""
+    num_merges = vocab_size - 256 - n_special
+    if num_merges < 1:
+        raise UserError(
+            f"vocab_size {vocab_size} is too small: it must be more than 256 byte tokens "
+            f"+ {n_special} special tokens = {256 + n_special}"
+        )
+    return num_merges
+
+
+# ----------------------------------------------------------------------------
+# The same, fast: incremental training
+
+
+def train_bpe(
+    documents,
+    vocab_size,
+    special_tokens=DEFAULT_SPECIAL_TOKENS,
+    pattern=GPT4_SPLIT_PATTERN,
+    progress=False,
+):
+    """Learn merges from `documents` (a list of strings, or one string) until
+    the vocabulary has `vocab_size` ids: 256 bytes + merges + special tokens.
+
+    The same merges as train_bpe_textbook, which recounts every pair in the
+    whole text after each merge: (text length x number of merges). Instead:
+      1. Pre-split every document and count UNIQUE chunks: " the" may occur
+         100,000 times but is stored once, with weight 100,000.
+      2. Count pairs once over the unique chunks (weighted), and keep an index
+         pair -> ids of the chunks that contain it.
+      3. After merging a pair, revisit only the chunks in its index entry and
+         adjust only the counts of the pairs in those chunks.
+      4. Find the most frequent pair with a heap. A count that changes is
+         pushed again; stale entries are skipped when popped ("lazy deletion").
+    Ties go to the smallest pair (a, b), so the result is deterministic.
+    If the text runs out of pairs first, the vocabulary ends up smaller.
+    """
+    if isinstance(documents, str):
+        documents = [documents]
+    special_tokens = tuple(special_tokens)
+    num_merges = _number_of_merges(vocab_size, len(special_tokens))
+
+    # 1. unique chunks and how often each occurs
+    split = regex.compile(pattern)
+    chunk_counts = Counter()
+    for doc in documents:
+        chunk_counts.update(split.findall(doc))
+    if not chunk_counts:
+        raise UserError("the training text is empty: give the tokenizer some text to learn from")
+    chunks = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # chunk id -> token ids
+    weights = list(chunk_counts.values())  # chunk id -> how often it occurs
+
+    # 2. pair counts (weighted) and the index pair -> chunk ids
+    pair_counts = Counter()
+    chunks_with_pair = {}
+    for chunk_id, ids in enumerate(chunks):
+        for pair, n in count_pairs(ids).items():
+            pair_counts[pair] += n * weights[chunk_id]
+            chunks_with_pair.setdefault(pair, set()).add(chunk_id)
+
+    # 4. max-heap via negated counts; (-count, pair) tuples break ties by pair
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    bar = _progress_bar(num_merges, progress)
+    while len(merges) < num_merges and heap:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) != -neg_count:
+            continue  # stale entry: this pair's count changed after it was pushed
+        new_id = 256 + len(merges)
+        merges.append(pair)
+        bar.update(1)
+
+        # 3. only chunks that contain the pair change
+        changed = Counter()
+        for chunk_id in chunks_with_pair.pop(pair):
+            old_ids = chunks[chunk_id]
+            new_ids = merge_pair(old_ids, pair, new_id)
+            chunks[chunk_id] = new_ids
+            old_pairs, new_pairs = count_pairs(old_ids), count_pairs(new_ids)
+            weight = weights[chunk_id]
+            for p, n in old_pairs.items():
+                changed[p] -= n * weight
+                if p not in new_pairs and p != pair:
+                    chunks_with_pair[p].discard(chunk_id)
+            for p, n in new_pairs.items():
+                changed[p] += n * weight
+                chunks_with_pair.setdefault(p, set()).add(chunk_id)
+        for p, delta in changed.items():
+            if delta == 0:
+                continue
+            count = pair_counts[p] + delta
+            if count > 0:
+                pair_counts[p] = count
+                heapq.heappush(heap, (-count, p))
+            else:  # the pair is gone (always so for the pair just merged)
+                del pair_counts[p]
+                chunks_with_pair.pop(p, None)
+    bar.close()
+    return Tokenizer(merges, special_tokens, pattern)
+
+
+def _progress_bar(total, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="learning merges", unit="merge", disable=not enabled)
+
+
+# ----------------------------------------------------------------------------
+# The tokenizer: encoding and decoding with the learned merges
+
+
 def render_token(token_bytes):
     """Show a token's bytes readably: UTF-8 text where it is valid, \\xNN for
     bytes that are only part of a character, \\uNNNN for control characters."""
@@ -96,10 +239,6 @@ def render_token(token_bytes):
     return "".join(
         f"\\u{ord(ch):04x}" if unicodedata.category(ch).startswith("C") else ch for ch in text
     )
-
-
-# ----------------------------------------------------------------------------
-# The tokenizer: merges + special tokens + pre-split pattern
 
 
 class Tokenizer:
@@ -257,38 +396,48 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
-        """Read a file written by save(); anything else is a UserError."""
-        path = pathlib.Path(path)
-        fix = f"run {next_command(TRAIN_COMMAND)}"
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{path}: tokenizer file not found; {fix}") from None
-        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-            reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
-            raise UserError(f"{path} is not a tokenizer file ({reason}); {fix}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path} is not a tokenizer file (invalid JSON at line {e.lineno}: {e.msg}; "
-                f"truncated?); {fix}"
-            ) from None
-        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise UserError(
-                f"{path} is not a tokenizer file (format {found!r}, expected {FILE_FORMAT!r}); {fix}"
-            )
-        if data.get("version") != FILE_VERSION:
-            raise UserError(
-                f"{path} has tokenizer format version {data.get('version')!r}, this code reads "
-                f"version {FILE_VERSION}; {fix}"
-            )
-        problem = _check_contents(data)
-        if problem:
-            raise UserError(f"{path} is not a valid tokenizer file ({problem}); {fix}")
-        specials = sorted(data["special_tokens"], key=data["special_tokens"].get)
-        return cls(data["merges"], specials, data["pattern"])
+        """Read a file written by save(); anything else is a UserError (see read_tokenizer_file)."""
+        return read_tokenizer_file(path)
+
+
+# ----------------------------------------------------------------------------
+# The tokenizer file: reading it back, and refusing anything that is not one
+
+
+def read_tokenizer_file(path):
+    """The Tokenizer a file written by Tokenizer.save holds; anything else is a UserError naming
+    the file, what is wrong with it, and the command that writes a good one."""
+    path = pathlib.Path(path)
+    fix = f"run {next_command(TRAIN_COMMAND)}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: tokenizer file not found; {fix}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+        raise UserError(f"{path} is not a tokenizer file ({reason}); {fix}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path} is not a tokenizer file (invalid JSON at line {e.lineno}: {e.msg}; "
+            f"truncated?); {fix}"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise UserError(
+            f"{path} is not a tokenizer file (format {found!r}, expected {FILE_FORMAT!r}); {fix}"
+        )
+    if data.get("version") != FILE_VERSION:
+        raise UserError(
+            f"{path} has tokenizer format version {data.get('version')!r}, this code reads "
+            f"version {FILE_VERSION}; {fix}"
+        )
+    problem = _check_contents(data)
+    if problem:
+        raise UserError(f"{path} is not a valid tokenizer file ({problem}); {fix}")
+    specials = sorted(data["special_tokens"], key=data["special_tokens"].get)
+    return Tokenizer(data["merges"], specials, data["pattern"])
 
 
 def _check_contents(data):
@@ -324,111 +473,9 @@ def load_tokenizer(path=None):
     return Tokenizer.load(default_tokenizer_path() if path is None else path)
 
 
-# ----------------------------------------------------------------------------
-# Training
-
-
-def train_bpe(
-    documents,
-    vocab_size,
-    special_tokens=DEFAULT_SPECIAL_TOKENS,
-    pattern=GPT4_SPLIT_PATTERN,
-    progress=False,
-):
-    """Learn merges from `documents` (a list of strings, or one string) until
-    the vocabulary has `vocab_size` ids: 256 bytes + merges + special tokens.
-
-    The naive way -- recount every pair in the whole text after each merge --
-    costs (text length x number of merges). Instead:
-      1. Pre-split every document and count UNIQUE chunks: " the" may occur
-         100,000 times but is stored once, with weight 100,000.
-      2. Count pairs once over the unique chunks (weighted), and keep an index
-         pair -> ids of the chunks that contain it.
-      3. After merging a pair, revisit only the chunks in its index entry and
-         adjust only the counts of the pairs in those chunks.
-      4. Find the most frequent pair with a heap. A count that changes is
-         pushed again; stale entries are skipped when popped ("lazy deletion").
-    Ties go to the smallest pair (a, b), so the result is deterministic.
-    If the text runs out of pairs first, the vocabulary ends up smaller.
-    """
-    if isinstance(documents, str):
-        documents = [documents]
-    special_tokens = tuple(special_tokens)
-    num_merges = vocab_size - 256 - len(special_tokens)
-    if num_merges < 1:
-        raise UserError(
-            f"vocab_size {vocab_size} is too small: it must be more than 256 byte tokens "
-            f"+ {len(special_tokens)} special tokens = {256 + len(special_tokens)}"
-        )
-
-    # 1. unique chunks and how often each occurs
-    split = regex.compile(pattern)
-    chunk_counts = Counter()
-    for doc in documents:
-        chunk_counts.update(split.findall(doc))
-    if not chunk_counts:
-        raise UserError("the training text is empty: give the tokenizer some text to learn from")
-    chunks = [list(chunk.encode("utf-8")) for chunk in chunk_counts]  # chunk id -> token ids
-    weights = list(chunk_counts.values())  # chunk id -> how often it occurs
-
-    # 2. pair counts (weighted) and the index pair -> chunk ids
-    pair_counts = Counter()
-    chunks_with_pair = {}
-    for chunk_id, ids in enumerate(chunks):
-        for pair, n in count_pairs(ids).items():
-            pair_counts[pair] += n * weights[chunk_id]
-            chunks_with_pair.setdefault(pair, set()).add(chunk_id)
-
-    # 4. max-heap via negated counts; (-count, pair) tuples break ties by pair
-    heap = [(-count, pair) for pair, count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    merges = []
-    bar = _progress_bar(num_merges, progress)
-    while len(merges) < num_merges and heap:
-        neg_count, pair = heapq.heappop(heap)
-        if pair_counts.get(pair) != -neg_count:
-            continue  # stale entry: this pair's count changed after it was pushed
-        new_id = 256 + len(merges)
-        merges.append(pair)
-        bar.update(1)
-
-        # 3. only chunks that contain the pair change
-        changed = Counter()
-        for chunk_id in chunks_with_pair.pop(pair):
-            old_ids = chunks[chunk_id]
-            new_ids = merge_pair(old_ids, pair, new_id)
-            chunks[chunk_id] = new_ids
-            old_pairs, new_pairs = count_pairs(old_ids), count_pairs(new_ids)
-            weight = weights[chunk_id]
-            for p, n in old_pairs.items():
-                changed[p] -= n * weight
-                if p not in new_pairs and p != pair:
-                    chunks_with_pair[p].discard(chunk_id)
-            for p, n in new_pairs.items():
-                changed[p] += n * weight
-                chunks_with_pair.setdefault(p, set()).add(chunk_id)
-        for p, delta in changed.items():
-            if delta == 0:
-                continue
-            count = pair_counts[p] + delta
-            if count > 0:
-                pair_counts[p] = count
-                heapq.heappush(heap, (-count, p))
-            else:  # the pair is gone (always so for the pair just merged)
-                del pair_counts[p]
-                chunks_with_pair.pop(p, None)
-    bar.close()
-    return Tokenizer(merges, special_tokens, pattern)
-
-
-def _progress_bar(total, enabled):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="learning merges", unit="merge", disable=not enabled)
-
-
 if __name__ == "__main__":
-    tok = train_bpe(["aaabdaaabac"], vocab_size=256 + 3 + len(DEFAULT_SPECIAL_TOKENS))
-    print("merges:", tok.merges)
+    size = 256 + 3 + len(DEFAULT_SPECIAL_TOKENS)
+    print("textbook merges:", train_bpe_textbook(["aaabdaaabac"], vocab_size=size).merges)
+    tok = train_bpe(["aaabdaaabac"], vocab_size=size)
+    print("fast merges:    ", tok.merges)
     print("ids:", tok.encode("aaabdaaabac"))

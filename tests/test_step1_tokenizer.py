@@ -15,7 +15,7 @@ from common.paths import REPO_ROOT
 from step1_tokenizer import show_tokens, train_tokenizer
 from step1_tokenizer.bpe import (
     DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, GPT4_SPLIT_PATTERN, IM_END, IM_START, IMAGE,
-    Tokenizer, load_tokenizer, merge_pair, train_bpe,
+    Tokenizer, load_tokenizer, train_bpe, train_bpe_textbook,
 )
 
 # Written for this test: English prose, Chinese, emoji and numbers, so that the
@@ -33,26 +33,6 @@ TINY_VOCAB = 256 + 3 + len(DEFAULT_SPECIAL_TOKENS)  # room for exactly 3 merges
 def tok():
     """A small tokenizer trained in well under a second."""
     return train_bpe([SAMPLE_TEXT * 20, SAMPLE_TEXT.upper()], vocab_size=500)
-
-
-def naive_train(text, num_merges):
-    """The textbook algorithm, for comparison: after every merge, recount every
-    pair in the whole (pre-split) text. Ties go to the smallest pair."""
-    import regex
-
-    chunks = [list(c.encode("utf-8")) for c in regex.findall(GPT4_SPLIT_PATTERN, text)]
-    merges = []
-    for new_id in range(256, 256 + num_merges):
-        counts = {}
-        for ids in chunks:
-            for pair in zip(ids, ids[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        chunks = [merge_pair(ids, best, new_id) for ids in chunks]
-    return merges
 
 
 def error_line(capsys, main, argv):
@@ -177,10 +157,18 @@ def test_deterministic():
                          "each merge learns")
 def test_incremental_equals_naive():
     text = SAMPLE_TEXT * 3 + SAMPLE_TEXT.upper() + "aaaa aaaaa bbbbbb 0000000 " * 4
-    assert train_bpe(text, vocab_size=256 + 150 + 4).merges == naive_train(text, 150)
-    # run out of pairs: the naive loop stops too, and every chunk is one token
+    size = 256 + 150 + len(DEFAULT_SPECIAL_TOKENS)
+    fast, textbook = train_bpe(text, vocab_size=size), train_bpe_textbook(text, vocab_size=size)
+    assert len(fast.merges) == 150 and fast.merges == textbook.merges
+    assert fast.encode(text) == textbook.encode(text)
+    # several documents (pairs never span two of them) and other special tokens
+    documents = [SAMPLE_TEXT, "aaabdaaabac", SAMPLE_TEXT.upper()]
+    assert (train_bpe(documents, 300, special_tokens=["<a>"]).merges
+            == train_bpe_textbook(documents, 300, special_tokens=["<a>"]).merges)
+    # run out of pairs: the textbook loop stops too, and every chunk is one token
     small = "hello world 1234567890 hello world"
-    assert train_bpe(small, vocab_size=10_000).merges == naive_train(small, 10_000)
+    assert train_bpe(small, vocab_size=10_000).merges == train_bpe_textbook(small, vocab_size=10_000).merges
+    assert train_bpe_textbook("aaabdaaabac", 256 + 3 + 4).merges == [(97, 97), (97, 98), (256, 257)]
 
 
 @pytest.mark.verifies(1, "Merges never cross pre-split chunks: words keep their leading space and numbers "
