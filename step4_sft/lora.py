@@ -21,6 +21,10 @@ it never to write <|im_end|>; a low-rank change of the attention cannot give a
 token a vector of its own, so those two rows (2 x n_embd numbers) learn too.
 PEFT calls this trainable_token_indices.
 
+The file reads in that order: the idea (LoRALinear, apply_lora, merge_lora), the two
+token rows, how the layers to wrap are named and checked, then adapter files and the
+checks that keep an adapter off the wrong model.
+
     model = load_model("out/step3/model.pt")
     wrapped = apply_lora(model, targets=("wq", "wv"), r=8, alpha=16,   # freezes the rest
                          token_ids=[tok.im_start_id, tok.im_end_id])
@@ -42,6 +46,10 @@ ADAPTER_FORMAT = "lm-tutorial-lora-adapter"
 ATTENTION = ("wq", "wk", "wv", "wo")
 FEED_FORWARD = ("w_gate", "w_up", "w_down")
 ALL_LINEAR = ATTENTION + FEED_FORWARD  # every nn.Linear in a block (not lm_head: it is tied to the embedding)
+
+
+# ----------------------------------------------------------------------------
+# The idea: a frozen layer plus a low-rank update
 
 
 class LoRALinear(nn.Module):
@@ -71,6 +79,61 @@ class LoRALinear(nn.Module):
         """W <- W + (alpha / r) B A; return the plain nn.Linear (same output, one matmul)."""
         self.base.weight += self.delta_weight().to(self.base.weight.dtype)
         return self.base
+
+
+def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, token_ids=()) -> list[str]:
+    """Freeze every parameter of `model` and wrap the target linear layers in LoRALinear,
+    in place; the embedding rows of `token_ids` (if any) train too. Returns the names of the
+    wrapped layers."""
+    if r < 1:
+        raise UserError(f"--lora_r {r} must be at least 1")
+    if lora_layers(model):
+        raise UserError("this model already has LoRA layers; merge_lora() them first")
+    token_ids = _checked_token_ids(model, token_ids)  # before anything is changed
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for parent, attr, full_name in _target_layers(model, set(targets)):
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
+        wrapped.append(full_name)
+    if not wrapped:
+        raise UserError(f"no layer of the model is called any of {list(targets)}")
+    if token_ids:
+        _wrap_token_rows(model, token_ids)
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA update (and trained token row) into its base weight and put the plain
+    modules back, in place. The result has the base model's exact structure and state_dict keys."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, layer.merge())
+    merged = set()  # a tied matrix is one tensor: add its shared delta once
+    for name, rows in token_rows(model).items():
+        with torch.no_grad():
+            if id(rows.base.weight) not in merged:
+                rows.base.weight.index_add_(0, rows.token_ids, rows.token_delta.to(rows.base.weight.dtype))
+                merged.add(id(rows.base.weight))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, rows.base)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a tied weight counts once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+# ----------------------------------------------------------------------------
+# The two token rows
 
 
 class TokenRows(nn.Module):
@@ -106,6 +169,10 @@ def token_rows(model: nn.Module) -> dict[str, TokenRows]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TokenRows)}
 
 
+# ----------------------------------------------------------------------------
+# What to wrap, checked
+
+
 def parse_targets(text: str) -> tuple[str, ...]:
     """"wq,wv" -> ("wq", "wv"); "all-linear" -> every linear layer of a block."""
     if text.strip() == "all-linear":
@@ -128,29 +195,6 @@ def _target_layers(model: nn.Module, targets) -> list[tuple[nn.Module, str, str]
     return found
 
 
-def apply_lora(model: nn.Module, targets=("wq", "wv"), r: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0, token_ids=()) -> list[str]:
-    """Freeze every parameter of `model` and wrap the target linear layers in LoRALinear,
-    in place; the embedding rows of `token_ids` (if any) train too. Returns the names of the
-    wrapped layers."""
-    if r < 1:
-        raise UserError(f"--lora_r {r} must be at least 1")
-    if lora_layers(model):
-        raise UserError("this model already has LoRA layers; merge_lora() them first")
-    token_ids = _checked_token_ids(model, token_ids)  # before anything is changed
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped = []
-    for parent, attr, full_name in _target_layers(model, set(targets)):
-        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
-        wrapped.append(full_name)
-    if not wrapped:
-        raise UserError(f"no layer of the model is called any of {list(targets)}")
-    if token_ids:
-        _wrap_token_rows(model, token_ids)
-    return wrapped
-
-
 def _checked_token_ids(model: nn.Module, token_ids) -> list[int]:
     """Sorted, distinct ids (from a list or a tensor), all inside the vocabulary."""
     token_ids = sorted(set(int(i) for i in token_ids))
@@ -160,35 +204,9 @@ def _checked_token_ids(model: nn.Module, token_ids) -> list[int]:
     return token_ids
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+# ----------------------------------------------------------------------------
+# Adapter files
 
-
-def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; a tied weight counts once."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update (and trained token row) into its base weight and put the plain
-    modules back, in place. The result has the base model's exact structure and state_dict keys."""
-    for name, layer in lora_layers(model).items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, layer.merge())
-    merged = set()  # a tied matrix is one tensor: add its shared delta once
-    for name, rows in token_rows(model).items():
-        with torch.no_grad():
-            if id(rows.base.weight) not in merged:
-                rows.base.weight.index_add_(0, rows.token_ids, rows.token_delta.to(rows.base.weight.dtype))
-                merged.add(id(rows.base.weight))
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, rows.base)
-    return model
-
-
-# ----------------------------------------------------------------------------- adapter files
 
 def base_fingerprint(model: nn.Module) -> str:
     """A short hash of the base weights (LoRA A/B excluded), to notice an adapter put on another
@@ -249,7 +267,8 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
     that does not fit (another base config, another rank) is a UserError."""
     adapter = load_checkpoint(path, hint=hint)
     if adapter.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{path}: not a LoRA adapter file (format {adapter.get('format')!r}); run {next_command(hint)}")
+        raise UserError(f"{path}: not a LoRA adapter file (format {adapter.get('format')!r}); "
+                        f"run {next_command(hint)}")
     base_config = model.config.to_dict()
     if adapter["base_config"] != base_config:
         differ = [f"{k}={v} there but {base_config.get(k)} here" for k, v in adapter["base_config"].items()
