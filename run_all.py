@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from common import paths
-from common.cli import add_quick_arg, next_command
+from common.cli import QUICK_MODEL_NOTE, add_quick_arg, next_command
 
 REPO_ROOT = paths.REPO_ROOT
 
@@ -59,6 +59,8 @@ def shown(value) -> str:
 
 def write_report(seconds: dict, quick: bool) -> Path:
     lines = ["# Report card", "", f"Profile: {'quick' if quick else 'default'}.", ""]
+    if quick:
+        lines = [f"# Quick run: every model here is {QUICK_MODEL_NOTE}", "", *lines]
     for step, title, _ in STEPS:
         lines += [f"## Step {step}: {title}", ""]
         if step in seconds:

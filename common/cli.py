@@ -48,6 +48,14 @@ class _QuickAction(argparse.Action):
         paths.use_quick_outputs()
 
 
+# What a --quick model is, said where a learner meets one: the README's quick start, the quick report
+# card's first line, chat.py's banner. The minutes are the README's Results table (steps 3 and 4 of the
+# default profile); tests/test_foundation.py checks that the two agree.
+QUICK_MODEL_NOTE = ("a seconds-long smoke-test model: it cannot answer yet (accuracies of 0 % and empty or "
+                    "repeated replies are expected); a model that chats takes the default profile, about "
+                    "15 minutes of training on a 2-core CPU (steps 3 and 4; README.md, Results)")
+
+
 def add_quick_arg(parser: argparse.ArgumentParser, help: str = "tiny sizes that finish in seconds "
                   "(used by the tests and CI); reads and writes out/quick/, never a full run's out/") -> None:
     parser.add_argument("--quick", action=_QuickAction, help=help)

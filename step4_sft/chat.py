@@ -23,10 +23,11 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import torch
 
 from common.checkpoint import load_model
-from common.cli import UserError, add_common_args, run_main
+from common.cli import QUICK_MODEL_NOTE, UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
+from step3_pretrain.train_pretrain import MODEL_KEYS, PROFILES
 from step4_sft.chat_template import decode_reply, encode_prompt
 from step4_sft.lora import load_adapter, merge_lora
 
@@ -34,6 +35,7 @@ MAKE_SFT = "python step4_sft/train_sft.py"
 # The reply's room comes out of the context: with block_size 256, a 64-token reply leaves 192
 # tokens of conversation. (200 left 56, and the model "forgot" a name said two turns before.)
 REPLY_TOKENS = 64
+QUICK_PROFILE = PROFILES["quick"]
 
 
 def load_chat_model(checkpoint=None, lora=None, device="cpu", merge: bool = True):
@@ -47,6 +49,11 @@ def load_chat_model(checkpoint=None, lora=None, device="cpu", merge: bool = True
         if merge:  # W + (alpha/r) B A computed once: afterwards as fast as the base model
             merge_lora(model)
     return model.eval()
+
+
+def is_quick_size(model) -> bool:
+    """Is this model of step 3's --quick size (a smoke test that cannot answer yet)?"""
+    return all(getattr(model.config, key) == QUICK_PROFILE[key] for key in MODEL_KEYS)
 
 
 def fit_prompt(tokenizer, messages: list[dict], budget: int) -> list[int]:
@@ -171,6 +178,8 @@ def main(argv=None):
     if model.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")
+    if is_quick_size(model):
+        print(f"note: this is {QUICK_MODEL_NOTE}", flush=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     session = ChatSession(model, tokenizer, args.system, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, generator=generator)

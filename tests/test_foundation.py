@@ -172,3 +172,25 @@ def test_next_hints_name_the_script_as_the_learners_folder_reaches_it(tmp_path, 
     assert next_command("python step4_sft/chat.py") == "python step4_sft/chat.py --quick"  # still a quick run
     monkeypatch.chdir(tmp_path)  # outside the repository: the whole path
     assert next_command("python run_all.py --from 3") == f"python {REPO_ROOT / 'run_all.py'} --from 3 --quick"
+
+
+def test_quick_runs_say_they_are_smoke_tests_and_what_a_model_that_chats_costs(tmp_path, monkeypatch):
+    """The README's quick start, the quick report card's first line and chat's banner (tests/test_step4_sft.py)
+    say it; the minutes are steps 3 and 4 of the README's Results table."""
+    import common.paths
+    import run_all
+    from common.cli import QUICK_MODEL_NOTE
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    pretrain = int(re.search(r"^\| 3 \| pretraining .*?\| (\d+) s of training", readme, re.M).group(1))
+    sft = int(re.search(r"^\| 4 \| held-out accuracy, .*?full SFT \((\d+) s\)", readme, re.M).group(1))
+    minutes = round((pretrain + sft) / 60)
+    assert f"about {minutes} minutes of training on a 2-core CPU" in QUICK_MODEL_NOTE
+    quick_start = " ".join(readme.split("## Quick start")[1].split("\n## ")[0].split())  # lines joined
+    assert f"about {minutes} minutes of training on a 2-core CPU (step 3's pretraining, {pretrain} s, and step 4's " \
+           f"full SFT, {sft} s" in quick_start and "they cannot answer yet" in quick_start
+    monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path / "out")
+    run_all.main(["--quick", "--from", "99"])
+    first_line = (tmp_path / "out" / "quick" / "report.md").read_text().splitlines()[0]
+    assert first_line == f"# Quick run: every model here is {QUICK_MODEL_NOTE}"
+    assert first_line.startswith("# Quick run: every model here is a seconds-long smoke-test model: it cannot answer")

@@ -493,3 +493,15 @@ def test_notebook_runs():
     assert "same logits as the base model before training: True" in text
     assert "LoRA layers left after merging: 0" in text
     assert "the second prompt held 3 earlier messages" in text
+
+
+def test_chat_says_a_quick_model_is_a_smoke_test_and_what_a_chatting_model_costs(quick_run, files, monkeypatch, capsys):
+    from common.cli import QUICK_MODEL_NOTE
+    from step4_sft import chat
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    chat.main(["--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer)])
+    assert capsys.readouterr().out.splitlines()[0] == f"note: this is {QUICK_MODEL_NOTE}"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))  # a model of another size: no note
+    chat.main(["--checkpoint", str(files / "base.pt"), "--tokenizer", str(files / "tokenizer.json")])
+    assert capsys.readouterr().out.splitlines()[0] == "you> Hi"
