@@ -7,10 +7,25 @@
 
 The newcomers (world.add_newcomers) were never in step 3's corpus nor in step 4's conversations:
 a right answer about them can only come from the database.
-"""
-from common.world.world import NEWCOMERS, add_newcomers, build_world, documents_about, phrasings
 
-PASSAGES_HEADER = "Read these passages, then answer the question."
+    records = open_book_records(tokenizer, 3000, seed=0, avoid=newcomers)   # sft_open_book.py's examples
+
+Open-book training examples come from RE-DRAWN worlds (build_world with other seeds): the same
+kinds of names and values, shuffled into new facts, each world in a small database of its own. The
+same name has other facts in every world, so no answer can be memorised: the only way to answer is
+to read the passages.
+"""
+import random
+
+from common.cli import UserError
+from common.world.world import NEWCOMERS, add_newcomers, apply_overrides, ask, build_world, documents_about, phrasings
+
+# Chunk size and passages per question, by profile: a --quick model reads only 64 tokens, so its
+# passages are short and single.
+CHUNK_SIZE = {"default": 32, "quick": 6}
+READER_K = {"default": 2, "quick": 1}
+ANSWER_TOKENS = 32  # the longest reply a reader writes (an answer sentence is about a dozen tokens)
+
 
 
 def extended_world(quick: bool = False, seed: int = 0):
@@ -35,5 +50,80 @@ def holds_fact(text: str, world, fact) -> bool:
 def open_book_messages(question: str, passages: list[str]) -> list[dict]:
     """The user turn of an open-book question: the passages first, then the question (InstructRetro's
     layout for a decoder that reads its neighbours in the prompt)."""
-    lines = [PASSAGES_HEADER] + [f"[{i}] {p.strip()}" for i, p in enumerate(passages, 1)]
-    return [{"role": "user", "content": "\n".join(lines) + "\nQuestion: " + question}]
+    lines = [f"[{i}] {p.strip()}" for i, p in enumerate(passages, 1)]
+    return [{"role": "user", "content": "\n".join(lines + ["Question: " + question])}]
+
+
+def retrieve_passages(db, question: str, k: int) -> tuple[list[int], list[float], list[str]]:
+    """(chunk ids, scores, passages) of the question's k nearest chunks."""
+    ids, scores = db.search([question], k)
+    kept = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    return [i for i, _ in kept], [s for _, s in kept], [db.passage(i) for i, _ in kept]
+
+
+def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int = 32, k: int = 2,
+                      avoid=(), first_world: int = 1000, size: str = "quick") -> list[dict]:
+    """`n_examples` conversations {"task": "open_book", "kind": relation, "conversations": [...]}:
+    passages retrieved from a re-drawn world's database, a question, the answer in step 4's words.
+    Worlds that would name any of `avoid` (the database-only newcomers) are skipped; so is a question
+    whose passages do not hold its answer (the reader must never learn to answer without reading).
+    The passages come in a random order, so the answer's passage is not always the first."""
+    from step5_retro.database import build_database
+
+    rng, records, world_seed = random.Random(seed), [], first_world + 10_000 * seed
+    avoid = set(avoid)
+    while len(records) < n_examples:
+        world_seed += 1
+        world = build_world(world_seed, size)
+        if avoid & set(world.entities):
+            continue
+        titles, documents = book_documents(world)
+        db = build_database(documents, tokenizer, None, chunk_size=chunk_size, k=1, titles=titles)
+        facts = rng.sample(world.facts, len(world.facts))
+        asked = [ask(fact, rng) for fact in facts]
+        ids, _ = db.search([question for question, _ in asked], k)
+        for fact, (question, answer), row in zip(facts, asked, ids):
+            passages = [db.passage(i) for i in row if i >= 0]
+            if not any(holds_fact(p, world, fact) for p in passages):
+                continue
+            rng.shuffle(passages)
+            records.append({"task": "open_book", "kind": fact.relation, "conversations":
+                            open_book_messages(question, passages) + [{"role": "assistant", "content": answer}]})
+            if len(records) == n_examples:
+                break
+    return records
+
+
+def answer(model, tokenizer, question: str, passages: list[str] | None = None,
+           max_new_tokens: int = ANSWER_TOKENS) -> str:
+    """A chat model's greedy reply: closed book (passages None) or with the passages before the question."""
+    from step4_sft.chat import reply
+
+    messages = [{"role": "user", "content": question}] if passages is None else open_book_messages(question, passages)
+    return reply(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+
+
+def edit_book(db, edits: list[dict]) -> dict:
+    """Rewrite facts in a database that build_db.py made from the world: edits are
+    [{"entity", "relation", "value"}, ...]. Every fact sheet that states an edited fact is rewritten
+    (the entity's own, and the sheet of a town, person or creature it points at); only those documents
+    are re-chunked, re-embedded and re-indexed (Database.edit_documents). No model weight changes."""
+    info = db.meta.get("world")
+    if not info:
+        raise UserError(f"{db.out_dir or 'this database'} was not built from the world by build_db.py, "
+                        "so there are no facts to edit; run python step5_retro/build_db.py")
+    world = extended_world(quick=info["size"] == "quick", seed=info["seed"])[0]
+    overrides = {(e, r): v for e, r, v in info["overrides"]}
+    for number, edit in enumerate(edits, start=1):
+        if not isinstance(edit, dict) or set(edit) != {"entity", "relation", "value"}:
+            raise UserError(f"edit {number}: expected an object with exactly the keys entity, relation, value, "
+                            f'e.g. {{"entity": "Halra", "relation": "lives_in", "value": "{world.names("place")[0]}"}}')
+        if edit["entity"] not in world.entities:
+            raise UserError(f"edit {number}: unknown entity {edit['entity']!r} (the database's world has "
+                            f"{len(world.entities)} entities, e.g. {', '.join(world.names()[:3])})")
+        overrides[edit["entity"], edit["relation"]] = edit["value"]
+    apply_overrides(world, overrides)  # an unknown relation or a value of the wrong kind: a UserError
+    titles, documents = book_documents(world, overrides)
+    changes = {i: text for i, text in enumerate(documents) if text != db.documents[i]}
+    info["overrides"] = [[e, r, v] for (e, r), v in overrides.items()]
+    return {"documents_rewritten": sorted(titles[i] for i in changes), **db.edit_documents(changes)}

@@ -329,8 +329,9 @@ def make_embedder(name: str, tokenizer, model_checkpoint=None):
 
 def build_database(documents: list[str], tokenizer, out_dir=None, chunk_size: int = 32, embedder: str = "tfidf",
                    index: str = "Flat", k: int = 2, nprobe: int = 8, titles: list[str] | None = None,
-                   model_checkpoint=None, seed: int = 0, progress: bool = False) -> Database:
-    """Chunk, embed, index and find neighbours for `documents`; save to out_dir (None: in memory)."""
+                   model_checkpoint=None, seed: int = 0, progress: bool = False, extra_meta=None) -> Database:
+    """Chunk, embed, index and find neighbours for `documents`; save to out_dir (None: in memory).
+    extra_meta: more entries for meta.json (build_db.py records the world the documents describe)."""
     if chunk_size < 1:
         raise UserError(f"chunk_size must be at least 1, not {chunk_size}")
     if not documents:
@@ -350,7 +351,7 @@ def build_database(documents: list[str], tokenizer, out_dir=None, chunk_size: in
     vectors = emb.embed(arrays["chunks"], progress)
     meta = {"tokenizer_sha": tokenizer_sha(tokenizer), "vocab_size": tokenizer.vocab_size, "chunk_size": chunk_size,
             "embedder": embedder, "index": index, "nprobe": nprobe, "k": k, "n_chunks": n_chunks,
-            "n_documents": len(documents), "dim": int(vectors.shape[1])}
+            "n_documents": len(documents), "dim": int(vectors.shape[1]), **(extra_meta or {})}
     if embedder == "model":
         meta.update(model=str(model_checkpoint), model_sha=file_sha(model_checkpoint))
     db = Database(tokenizer, {**arrays, "alive": np.ones(n_chunks, dtype=bool),

@@ -1,0 +1,224 @@
+"""Measure the open book: retrieval recall, answers closed book / with passages / after open-book SFT,
+and knowledge edited in the database.
+
+    python step5_retro/eval_retrieval.py            # out/step5/metrics.json and out/step5/retrieval_qa.png
+    python step5_retro/eval_retrieval.py --quick
+
+Questions come in two sets: database-only facts (the newcomers: no training text names them) and
+ordinary facts (step 3's world, which the models read in pretraining). Three readers answer each:
+step 4's chat model closed book, the same model with the retrieved passages in its prompt, and the
+open-book fine-tuned model (sft_open_book.py) with the passages. Then some ordinary facts are
+rewritten in a copy of the database (book.edit_book; the database on disk is left as it is) and
+everything is asked again: edited facts should get the new value, unrelated facts should not move.
+Recall@k: the share of questions for which one of the k passages states the asked fact; measured
+for both embedders (the other one's database is built in memory from the same documents).
+"""
+import argparse
+import json
+import pathlib
+import random
+import sys
+import time
+from collections import Counter
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from common.cli import UserError, add_common_args, next_command, run_main
+from common.device import pick_device
+from common.metrics import write_metrics
+from common.paths import step_dir
+from common.plot import new_figure, save_figure
+from common.world.world import ask, build_world
+from step1_tokenizer.bpe import load_tokenizer
+from step4_sft.chat import load_chat_model
+from step4_sft.data import write_jsonl
+from step5_retro.book import READER_K, answer, edit_book, extended_world, holds_fact
+from step5_retro.database import build_database, load_database
+from step5_retro.scoring import exact_match, token_f1
+
+ORDINARY = {"quick": 12, "default": 60}   # ordinary facts asked
+EDITS = {"quick": 4, "default": 20}       # ordinary facts rewritten in the database
+EXTRA_TOKENS = 8                          # a reply this much longer than the expected one is wrong anyway
+READERS = ("closed_book", "in_context", "open_book_sft")
+
+
+def questions(world, newcomers: list[str], n_ordinary: int, n_edits: int, seed: int):
+    """(database-only items, ordinary items, edit items): each item a dict with the fact, question and
+    answer; the edited facts are ordinary facts apart from the ordinary set, each given a new value
+    of the same kind drawn from the training world's own values."""
+    rng = random.Random(seed)
+    new_facts = [f for f in world.facts if f.entity in newcomers]
+    old_facts = rng.sample([f for f in world.facts if f.entity not in newcomers and f.value not in newcomers],
+                           n_ordinary + n_edits)
+    values = {}
+    for f in world.facts:
+        if f.entity not in newcomers and f.value not in newcomers:
+            values.setdefault(f.relation, set()).add(f.value)
+
+    def item(fact):
+        question, gold = ask(fact, rng)
+        return {"fact": fact, "question": question, "answer": gold}
+    edits = []
+    for fact in old_facts[n_ordinary:]:
+        new_value = rng.choice(sorted(values[fact.relation] - {fact.value, fact.entity}))
+        edits.append({**item(type(fact)(fact.entity, fact.relation, new_value)), "old": fact.value})
+    return [item(f) for f in new_facts], [item(f) for f in old_facts[:n_ordinary]], edits
+
+
+def recall_at_k(db, world, items, k: int) -> float:
+    ids, _ = db.search([it["question"] for it in items], k)
+    return sum(any(holds_fact(db.passage(i), world, it["fact"]) for i in row if i >= 0)
+               for row, it in zip(ids, items)) / max(1, len(items))
+
+
+def read_all(model, tokenizer, db, items, k: int, with_passages: bool, desc: str) -> list[dict]:
+    """Each item's reply and scores (passages retrieved from db when with_passages)."""
+    passages = [None] * len(items)
+    if with_passages:
+        ids, _ = db.search([it["question"] for it in items], k)
+        passages = [[db.passage(i) for i in row if i >= 0] for row in ids]
+    out = []
+    for it, ps in zip(tqdm(items, desc=desc, leave=False), passages):
+        budget = len(tokenizer.encode_ordinary(" " + it["answer"])) + EXTRA_TOKENS
+        reply = answer(model, tokenizer, it["question"], ps, max_new_tokens=budget)
+        out.append({"question": it["question"], "expected": it["answer"], "reply": reply, "passages": ps,
+                    "em": exact_match(reply, it["answer"]), "f1": token_f1(reply, it["answer"])})
+    return out
+
+
+def mean(rows, key) -> float:
+    return sum(r[key] for r in rows) / max(1, len(rows))
+
+
+def answer_prior(world, newcomers, items) -> float:
+    """Exact match of a reader that always says its relation's most common value in the training world:
+    the level a closed-book model reaches on database-only facts without knowing anything about them."""
+    common = {}
+    for f in world.facts:
+        if f.entity not in newcomers:
+            common.setdefault(f.relation, Counter())[f.value] += 1
+    return sum(it["fact"].value == common[it["fact"].relation].most_common(1)[0][0] for it in items) / len(items)
+
+
+def plot(metrics: dict, path) -> pathlib.Path:
+    fig, ax = new_figure(width=8, height=4)
+    groups = [("database-only", ""), ("ordinary", "_ordinary")]
+    colors = {"closed_book": "#bbbbbb", "in_context": "#dd8452", "open_book_sft": "#4c72b0"}
+    for g, (label, suffix) in enumerate(groups):
+        for r, reader in enumerate(READERS):
+            value = metrics.get(f"qa_em_{reader}{suffix}")
+            if value is not None:
+                ax.bar(g + r * 0.27, 100 * value, 0.27, color=colors[reader], label=reader if g == 0 else None)
+                ax.annotate(f"{100 * value:.0f}", (g + r * 0.27, 100 * value), ha="center", va="bottom", fontsize=8)
+    if metrics.get("edited_fact_success") is not None:
+        ax.bar(2 + 0.27, 100 * metrics["edited_fact_success"], 0.27, color="#55a868", label="edited facts (new value)")
+        ax.annotate(f"{100 * metrics['edited_fact_success']:.0f}", (2 + 0.27, 100 * metrics["edited_fact_success"]),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([0.27, 1.27, 2.27], ["database-only facts", "ordinary facts", "after edit_db"])
+    ax.set(ylabel="exact match (%)", ylim=(0, 110), title="Closed book vs open book")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default=None, help="database folder (default out/step5/db)")
+    parser.add_argument("--chat_model", default=None, help="step 4's chat model (default out/step4/sft_model.pt)")
+    parser.add_argument("--open_book_model", default=None,
+                        help="the open-book fine-tuned model (default out/step5/open_book_model.pt; skipped if absent)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--embedder_model", default=None,
+                        help="checkpoint for the model embedder's recall (default out/step3/model.pt; "
+                             "skipped if absent)")
+    parser.add_argument("--k", type=int, default=None, help="passages per question (default 2, quick 1)")
+    parser.add_argument("--out", default=None, help="folder for metrics, replies and the chart (default out/step5)")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    args.k = args.k or READER_K["quick" if args.quick else "default"]
+    started = time.time()
+    profile = "quick" if args.quick else "default"
+    out_dir = pathlib.Path(args.out or step_dir(5))
+    db_dir = pathlib.Path(args.db or step_dir(5) / "db")
+    tokenizer = load_tokenizer(args.tokenizer)
+    db = load_database(db_dir, tokenizer)
+    info = db.meta.get("world")
+    if not info or info["overrides"]:
+        raise UserError(f"{db_dir}: evaluation needs a database built from the world and not edited since; "
+                        f"run {next_command('python step5_retro/build_db.py')}")
+    world, newcomers = extended_world(quick=info["size"] == "quick", seed=info["seed"])
+    new_items, old_items, edit_items = questions(world, newcomers, ORDINARY[profile], EDITS[profile], args.seed)
+    all_items = new_items + old_items
+    metrics = {"n_database_only": len(new_items), "n_ordinary": len(old_items), "n_edits": len(edit_items), "k": args.k,
+               "answer_prior": answer_prior(world, newcomers, new_items)}
+
+    recall = {db.meta["embedder"]: recall_at_k(db, world, all_items, args.k)}
+    other = "model" if db.meta["embedder"] == "tfidf" else "tfidf"
+    embedder_model = pathlib.Path(args.embedder_model or step_dir(3) / "model.pt")
+    if other == "tfidf" or embedder_model.exists():
+        twin = build_database(db.documents, tokenizer, None, chunk_size=db.chunk_size, embedder=other, k=db.k,
+                              titles=db.titles, model_checkpoint=embedder_model)
+        recall[other] = recall_at_k(twin, world, all_items, args.k)
+    metrics["retrieval_recall"] = recall[db.meta["embedder"]]
+    metrics["retrieval_recall_by_embedder"] = recall
+    print("recall@%d: " % args.k + ", ".join(f"{name} {value:.3f}" for name, value in recall.items()))
+
+    device = pick_device(args.device)
+    chat_path = pathlib.Path(args.chat_model or step_dir(4) / "sft_model.pt")
+    open_path = pathlib.Path(args.open_book_model or step_dir(5) / "open_book_model.pt")
+    readers = {"closed_book": (chat_path, False), "in_context": (chat_path, True)}
+    if open_path.exists():
+        readers["open_book_sft"] = (open_path, True)
+    else:
+        print(f"{open_path} not found: no open-book SFT row (run {next_command('python step5_retro/sft_open_book.py')})")
+    models = {path: load_chat_model(path, device=device) for path, _ in readers.values()}
+    replies = {}
+    for reader, (path, with_passages) in readers.items():
+        rows = read_all(models[path], tokenizer, db, all_items, args.k, with_passages, reader)
+        replies[reader] = rows
+        new_rows, old_rows = rows[:len(new_items)], rows[len(new_items):]
+        metrics.update({f"qa_em_{reader}": mean(new_rows, "em"), f"qa_f1_{reader}": mean(new_rows, "f1"),
+                        f"qa_em_{reader}_ordinary": mean(old_rows, "em"),
+                        f"qa_f1_{reader}_ordinary": mean(old_rows, "f1")})
+        print(f"{reader:>14}: database-only EM {100 * metrics[f'qa_em_{reader}']:.1f} % "
+              f"(F1 {100 * metrics[f'qa_f1_{reader}']:.1f}), ordinary EM {100 * metrics[f'qa_em_{reader}_ordinary']:.1f} %")
+
+    # The edit: a copy of the database in memory (out_dir None: nothing saved), the same readers' weights.
+    edited = load_database(db_dir, tokenizer)
+    edited.out_dir = None
+    change = edit_book(edited, [{"entity": it["fact"].entity, "relation": it["fact"].relation,
+                                 "value": it["fact"].value} for it in edit_items])
+    editor = "open_book_sft" if "open_book_sft" in readers else "in_context"
+    path = readers[editor][0]
+    after_edit = read_all(models[path], tokenizer, edited, edit_items, args.k, True, "edited facts")
+    after_rest = read_all(models[path], tokenizer, edited, all_items, args.k, True, "unrelated facts")
+    before = mean(replies[editor], "em")
+    metrics.update({"edit_reader": editor, "edited_fact_success": mean(after_edit, "em"),
+                    "edited_fact_recall": recall_at_k(edited, world_after(world, edit_items), edit_items, args.k),
+                    "unrelated_fact_drop": round(100 * (before - mean(after_rest, "em")), 2),
+                    "edit_documents_rewritten": len(change["documents_rewritten"]),
+                    "edit_chunks_reembedded": change["added_chunks"]})
+    print(f"after editing {len(edit_items)} facts ({change['added_chunks']} chunks re-embedded, no weight changed): "
+          f"{100 * metrics['edited_fact_success']:.1f} % answered with the new value; unrelated facts moved by "
+          f"{-metrics['unrelated_fact_drop']:+.1f} points ({editor})")
+
+    metrics["eval_seconds"] = round(time.time() - started, 1)
+    write_jsonl([{"reader": r, **row} for r, rows in replies.items() for row in rows]
+                + [{"reader": f"{editor}_after_edit", **row} for row in after_edit], out_dir / "eval_replies.jsonl")
+    if out_dir == step_dir(5):
+        write_metrics(5, metrics)
+    chart = plot(metrics, out_dir / "retrieval_qa.png")
+    print(f"wrote {chart} and {out_dir / 'eval_replies.jsonl'} in {metrics['eval_seconds']:.0f} s")
+    return metrics
+
+
+def world_after(world, edit_items):
+    from common.world.world import apply_overrides
+
+    return apply_overrides(world, {(it["fact"].entity, it["fact"].relation): it["fact"].value for it in edit_items})
+
+
+if __name__ == "__main__":
+    run_main(main)
