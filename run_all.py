@@ -9,6 +9,8 @@ script is also a map of the tutorial.
 """
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -40,14 +42,39 @@ STEPS = [
 WITHOUT_DEVICE_FLAG = {"step1_tokenizer/show_tokens.py"}
 
 
-def flatten(metrics: dict, prefix: str = "") -> list[tuple[str, object]]:
-    rows = []
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            rows += flatten(value, f"{prefix}{key}.")
-        elif not isinstance(value, list):
-            rows.append((prefix + key, value))
-    return rows
+# The report card's headline figures: per step, (metric path in out/stepN/metrics.json, what it is, unit,
+# one sentence). A path the file lacks is left out, so each step shows what its scripts wrote. Unit "share":
+# a fraction, printed as a percentage.
+HEADLINES = {
+    1: [("vocab_size", "vocabulary", "token ids", "the 256 bytes, the merges learned and the special tokens"),
+        ("bytes_per_token", "compression", "bytes/token", "UTF-8 bytes of held-out text per token: more is better"),
+        ("encode_mb_per_s", "encoding speed", "MB/s", "how fast the trained tokenizer turns text into ids"),
+        ("train_seconds", "training time", "s", "learning the merges")],
+    2: [("params.total", "parameters", "", "of the model param_count.py builds, counted part by part"),
+        ("params.formula_matches", "formula matches the count", "", "the closed-form count equals the real one"),
+        ("kv_cache.speedup", "KV cache speed-up", "times", "greedy generation with the cache against without it"),
+        ("kv_cache.same_tokens", "same tokens with and without the cache", "", "the cache changes speed, not text")],
+    3: [("params", "parameters", "", "the model pretrained here"),
+        ("train_seconds", "training time", "s", "the training loop, without data preparation and evaluation"),
+        ("tokens_per_sec", "training speed", "tokens/s", "tokens read per second of training"),
+        ("val_loss", "validation loss", "nats/token", "on documents never trained on; lower is better"),
+        ("val_bpb", "bits per byte", "bits/byte", "the same loss per byte of text: 8 is knowing nothing"),
+        ("probe.facts", "world facts completed", "share", "sentences about the world the model finishes right"),
+        ("probe.sums", "sums completed", "share", "small additions written out in the corpus' own words")],
+    4: [("base.accuracy.overall", "accuracy before fine-tuning", "share",
+         "held-out questions the pretrained model answers exactly right"),
+        ("full_sft.accuracy.overall", "accuracy after full SFT", "share", "every weight fine-tuned on conversations"),
+        ("lora.accuracy.overall", "accuracy after LoRA", "share", "only the small LoRA matrices fine-tuned"),
+        ("full_sft.train_seconds", "full SFT time", "s", "training every weight"),
+        ("lora.train_seconds", "LoRA time", "s", "training the adapter"),
+        ("lora.trainable_percent", "LoRA's trainable weights", "% of the model", "what LoRA trains")],
+    5: [("retrieval_recall", "retrieval recall", "share", "questions whose answer is in the passages retrieved"),
+        ("qa_em_closed_book", "answers without the database", "share", "exact-match answers from the weights alone"),
+        ("qa_em_open_book_sft", "answers with the database", "share", "exact-match answers reading retrieved text"),
+        ("edited_fact_success", "edited facts answered anew", "share",
+         "facts rewritten in the database and answered with the new value, no retraining")],
+    6: [("vqa_acc", "image questions answered", "share", "exact-match answers to questions about generated images")],
+}
 
 
 def shown(value) -> str:
@@ -57,21 +84,66 @@ def shown(value) -> str:
     return str(value)
 
 
-def write_report(seconds: dict, quick: bool) -> Path:
-    lines = ["# Report card", "", f"Profile: {'quick' if quick else 'default'}.", ""]
-    if quick:
-        lines = [f"# Quick run: every model here is {QUICK_MODEL_NOTE}", "", *lines]
-    for step, title, _ in STEPS:
-        lines += [f"## Step {step}: {title}", ""]
-        if step in seconds:
-            lines += [f"Ran in {seconds[step]:.0f} s.", ""]
-        path = paths.OUT_DIR / f"step{step}" / "metrics.json"
-        if path.exists():
-            lines += ["| metric | value |", "|---|---|"]
-            lines += [f"| {key} | {shown(value)} |" for key, value in flatten(json.loads(path.read_text()))]
-        else:
-            lines.append("(no metrics.json)")
+def figure(value, unit: str) -> str:
+    """A headline figure with its unit: 0.8315 as a share is "83.2 %", 131392 is "131,392"."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if unit == "share":
+        return f"{100 * value:.1f} %"
+    number = f"{value:,}" if isinstance(value, int) else shown(value)
+    return f"{number} {unit}".strip()
+
+
+def lookup(metrics: dict, path: str):
+    """metrics["a"]["b"] for "a.b"; None when any part is missing."""
+    for key in path.split("."):
+        if not isinstance(metrics, dict) or key not in metrics:
+            return None
+        metrics = metrics[key]
+    return metrics
+
+
+def machine() -> str:
+    """The CPU (model and cores) and the system this run used."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the model only here
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return f"{cpu or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}"
+
+
+def step_section(step: int, title: str, seconds: float | None) -> list[str]:
+    """One step of the report card: wall time, headline figures, plots inline, the raw metrics linked."""
+    folder = paths.OUT_DIR / f"step{step}"
+    metrics_path = folder / "metrics.json"
+    lines = [f"## Step {step}: {title}", ""]
+    if not metrics_path.exists():
+        return lines + ["not run", ""]
+    metrics = json.loads(metrics_path.read_text())
+    timed = f"{seconds:.0f} s" if seconds is not None else "not timed (run before this run_all.py)"
+    lines += [f"Wall time: {timed}. All figures: [step{step}/metrics.json](step{step}/metrics.json).", ""]
+    rows = [(label, figure(value, unit), sentence) for path, label, unit, sentence in HEADLINES.get(step, [])
+            if (value := lookup(metrics, path)) is not None]
+    if rows:
+        lines += ["| figure | value | what it says |", "|---|---|---|"]
+        lines += [f"| {label} | {value} | {sentence} |" for label, value, sentence in rows]
         lines.append("")
+    for plot in sorted(folder.glob("*.png")):
+        lines += [f"![{plot.stem}](step{step}/{plot.name})", ""]
+    return lines
+
+
+def write_report(seconds: dict, quick: bool) -> Path:
+    """out/report.md: per step the headline figures, the plots and the wall time; the raw figures linked."""
+    lines = [f"# Quick run: every model here is {QUICK_MODEL_NOTE}" if quick else "# Report card", "",
+             f"Profile: {'quick' if quick else 'default'}. Machine: {machine()}.", ""]
+    if seconds:
+        lines += [f"Wall time of this run: {sum(seconds.values()):.0f} s.", ""]
+    for step, title, _ in STEPS:
+        lines += step_section(step, title, seconds.get(step))
     report = paths.OUT_DIR / "report.md"
     paths.OUT_DIR.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines), encoding="utf-8")

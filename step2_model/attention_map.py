@@ -25,7 +25,7 @@ import torch
 from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
-from common.model import ModelConfig, Transformer
+from common.model import QUICK_CONFIG, ModelConfig, Transformer
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
@@ -33,7 +33,6 @@ from step1_tokenizer.bpe import TRAIN_COMMAND, default_tokenizer_path, load_toke
 from step2_model.inspect_model import attention_maps
 
 DEFAULT_TEXT = "Once upon a time, a small dragon lived by the river."
-QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 def load_tokenizer_or_none(tokenizer_path):

@@ -23,10 +23,8 @@ import torch
 from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
-from common.model import ModelConfig, Transformer
+from common.model import QUICK_CONFIG, ModelConfig, Transformer
 from common.seed import seed_everything
-
-QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Where do the parameters of the model live? Count them by part, beside the formula.
 
     python step2_model/param_count.py                      # the default ModelConfig
+    python step2_model/param_count.py --quick              # the --quick run's model (common.model.QUICK_CONFIG)
     python step2_model/param_count.py --n_embd 256 --n_head 8 --n_kv_head 4 --vocab_size 4096
     python step2_model/param_count.py --tie_embeddings false
 
@@ -21,7 +22,7 @@ from dataclasses import replace
 
 from common.cli import add_common_args, add_model_args, config_from_args, run_main
 from common.metrics import write_metrics
-from common.model import Transformer, kv_cache_bytes
+from common.model import QUICK_CONFIG, Transformer, kv_cache_bytes
 from step2_model.inspect_model import count_parameters, param_formula
 
 PARTS = ("embedding", "attention", "ffn", "norms", "lm_head")
@@ -54,8 +55,10 @@ def parameter_table(cfg) -> tuple[str, dict, dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    add_common_args(parser)  # --quick changes nothing here: counting is instant
+    # --quick counts the quick run's model (common.model.QUICK_CONFIG): the report card shows that run's figures
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    add_model_args(parser, QUICK_CONFIG if quick else None)
+    add_common_args(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 

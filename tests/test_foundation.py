@@ -109,6 +109,44 @@ def test_report_card_shows_exact_shares_to_four_digits_and_large_numbers_whole()
     assert run_all.shown(512345.6) == "512,346" and run_all.shown(488.31) == "488.3"
     assert run_all.shown(3590656) == "3590656" and run_all.shown(None) == "None"
     assert run_all.shown(float("nan")) == "nan"
+    assert run_all.figure(296 / 356, "share") == "83.1 %" and run_all.figure(131392, "") == "131,392"
+    assert run_all.figure(488.31, "s") == "488.3 s" and run_all.figure(True, "") == "yes"
+
+
+def test_report_card_gives_headlines_with_units_plots_inline_and_links_the_raw_figures(tmp_path, monkeypatch):
+    """A fake out/: step 1 and 5 wrote figures (step 5 only some of its keys), step 3 a plot too, step 2 nothing."""
+    import json
+
+    import common.paths
+    import run_all
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(common.paths, "OUT_DIR", out)
+    monkeypatch.setattr(run_all, "STEPS", [(1, "Tokenizer", []), (2, "The model", []), (3, "Pretraining", []),
+                                           (5, "Retrieval", [])])
+    monkeypatch.setattr(run_all, "machine", lambda: "Some CPU, 2 cores, Linux, Python 3.11.7")
+    figures = {1: {"vocab_size": 2497, "bytes_per_token": 3.4567, "kv": {"deep": [1, 2]}},
+               3: {"params": 131392, "val_loss": 4.955, "probe": {"facts": 0.5, "sums": 0.9633}},
+               5: {"retrieval_recall": 0.875, "qa_em_closed_book": 0.1}}
+    for step, metrics in figures.items():
+        (out / f"step{step}").mkdir(parents=True)
+        (out / f"step{step}" / "metrics.json").write_text(json.dumps(metrics))
+    (out / "step3" / "loss_curve.png").write_bytes(b"png")
+    report = run_all.write_report({1: 3.4, 3: 61.2}, quick=False).read_text()
+    assert report.splitlines()[:6] == ["# Report card", "", "Profile: default. Machine: Some CPU, 2 cores, Linux, "
+                                       "Python 3.11.7.", "", "Wall time of this run: 65 s.", ""]
+    assert report.split("## Step 1: Tokenizer\n\n")[1].split("\n## ")[0] == (
+        "Wall time: 3 s. All figures: [step1/metrics.json](step1/metrics.json).\n\n"
+        "| figure | value | what it says |\n|---|---|---|\n"
+        "| vocabulary | 2,497 token ids | the 256 bytes, the merges learned and the special tokens |\n"
+        "| compression | 3.457 bytes/token | UTF-8 bytes of held-out text per token: more is better |\n")
+    assert "## Step 2: The model\n\nnot run\n" in report
+    assert "| parameters | 131,392 | the model pretrained here |\n" in report
+    assert "| validation loss | 4.955 nats/token |" in report and "| world facts completed | 50.0 % |" in report
+    assert "| sums completed | 96.3 % |" in report and "\n![loss_curve](step3/loss_curve.png)\n" in report
+    assert "Wall time: not timed (run before this run_all.py). All figures: [step5/metrics.json]" in report
+    assert "| retrieval recall | 87.5 % |" in report and "| answers without the database | 10.0 % |" in report
+    assert "edited" not in report and "kv" not in report  # missing keys left out; the raw figures only linked
 
 
 def test_plugin_prints_each_step_list_ticked_and_crossed(pytester):
