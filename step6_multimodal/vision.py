@@ -1,0 +1,208 @@
+"""The vision-language model: a tiny ViT sees, a projector translates, the language model talks.
+
+    image (3, 32, 32) --patches 4x4--> 64 patch vectors --ViT blocks--> 64 "seen" vectors
+        --pixel shuffle 2x2--> 16 vectors --LayerNorm + MLP--> 16 vectors of the LM's width
+    "<|im_start|>user\\n <image> x16 \\nWhat colour is the circle?<|im_end|>..."
+        model.embed(ids): the 16 <image> rows are overwritten by those 16 vectors -> model(inputs_embeds=...)
+
+Everything the language model knows about the image passes through the 16 overwritten rows;
+the question's tokens read them with ordinary (causal) attention, as they read earlier words.
+
+Why a ViT and not the common model's Block: a Block is causal and orders its positions with
+RoPE, but a picture has no "earlier" patch: every patch must see every other, and where a patch
+sits is a learned 2-D position embedding. PyTorch's nn.TransformerEncoderLayer is exactly such a
+bidirectional pre-norm block. Why pixel shuffle (nanoVLM's): 4x4 patches keep small shapes
+intact, and folding each 2x2 group of patch vectors into one (4x wider) vector gives the language
+model 16 positions instead of 64, at no loss of information.
+
+    vlm = VisionLanguageModel(lm, VisionConfig(), image_token_id=tok.image_id)
+    logits, loss = vlm(idx, images, targets)        # images: (n, 3, 32, 32), one per <image> tag
+"""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.cli import UserError, next_command
+from common.model import KVCache, ModelConfig, Transformer
+from step6_multimodal.images import IMAGE_SIZE
+
+VLM_FORMAT = "lm-tutorial-vlm"
+MAKE_VLM = "python step6_multimodal/train_vlm.py"
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = IMAGE_SIZE
+    patch_size: int = 4     # pixels per side of a patch
+    width: int = 128        # the encoder's vector size
+    n_layer: int = 2
+    n_head: int = 4
+    shuffle: int = 2        # pixel shuffle: fold shuffle x shuffle neighbouring patches into one token
+    projector_hidden: int = 512
+
+    def __post_init__(self):
+        grid = self.image_size // self.patch_size
+        if self.image_size % self.patch_size or grid % self.shuffle or self.width % self.n_head:
+            raise UserError(f"VisionConfig: image_size {self.image_size} must be a multiple of patch_size "
+                            f"{self.patch_size}, the grid ({grid}) of shuffle {self.shuffle}, width of n_head")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_image_tokens(self) -> int:
+        """How many positions one image takes in the language model's sequence."""
+        return (self.grid // self.shuffle) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+class VisionEncoder(nn.Module):
+    """A tiny ViT: cut the image into patches, embed each linearly, add a learned position per
+    patch, and let every patch attend to every other for n_layer blocks."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        # a conv with kernel = stride = patch size is "flatten each patch, multiply by one matrix"
+        self.patch_embed = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, config.grid ** 2, config.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(config.width, config.n_head, 4 * config.width, dropout=0.0,
+                                       activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(config.n_layer))
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, images):
+        """(n, 3, H, W) -> (n, grid*grid, width), patches in reading order (row by row)."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def pixel_shuffle(x, grid: int, factor: int):
+    """(n, grid*grid, C) -> (n, (grid/factor)^2, C*factor^2): each factor x factor square of
+    neighbouring patch vectors becomes one vector (their concatenation), still in reading order."""
+    n, _, c = x.shape
+    g = grid // factor
+    x = x.view(n, g, factor, g, factor, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, g * g, factor * factor * c)
+
+
+class Projector(nn.Module):
+    """Encoder vectors -> the language model's embedding space: pixel shuffle, LayerNorm, 2-layer MLP
+    (minimind-v's and LLaVA-1.5's projector, with nanoVLM's pixel shuffle in front)."""
+
+    def __init__(self, config: VisionConfig, lm_width: int):
+        super().__init__()
+        self.config = config
+        folded = config.width * config.shuffle ** 2
+        self.norm = nn.LayerNorm(folded)
+        self.mlp = nn.Sequential(nn.Linear(folded, config.projector_hidden), nn.GELU(),
+                                 nn.Linear(config.projector_hidden, lm_width))
+
+    def forward(self, x):
+        return self.mlp(self.norm(pixel_shuffle(x, self.config.grid, self.config.shuffle)))
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, lm: Transformer, vision_config: VisionConfig, image_token_id: int):
+        super().__init__()
+        if not 0 <= image_token_id < lm.config.vocab_size:
+            raise UserError(f"image token id {image_token_id} is outside the model's vocabulary")
+        self.vision_config, self.image_token_id = vision_config, image_token_id
+        self.encoder = VisionEncoder(vision_config)
+        self.projector = Projector(vision_config, lm.config.n_embd)
+        self.lm = lm
+
+    @property
+    def config(self) -> ModelConfig:
+        """The language model's config (block_size, ...): what chat code asks a model for."""
+        return self.lm.config
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.vision_config.n_image_tokens
+
+    def image_features(self, images):
+        """(n, 3, H, W) -> (n, n_image_tokens, lm width): what replaces the placeholders."""
+        size = self.vision_config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise UserError(f"images must be (n, 3, {size}, {size}), got {tuple(images.shape)}; "
+                            f"load files with step6_multimodal.images.load_image")
+        return self.projector(self.encoder(images))
+
+    def embed(self, idx, images):
+        """Token embeddings with every <image> placeholder row replaced by image features, in order:
+        image 0 fills the first n_image_tokens placeholders (reading row by row), image 1 the next..."""
+        x = self.lm.embed(idx)
+        is_image = idx == self.image_token_id
+        expected = images.size(0) * self.n_image_tokens
+        if int(is_image.sum()) != expected:
+            raise UserError(f"{int(is_image.sum())} image positions in the tokens but {images.size(0)} image(s) "
+                            f"x {self.n_image_tokens} tokens = {expected}; every <image> tag needs one image")
+        if expected == 0:
+            return x
+        features = self.image_features(images).to(x.dtype)
+        return x.masked_scatter(is_image.unsqueeze(-1), features)
+
+    def forward(self, idx, images, targets=None):
+        return self.lm(inputs_embeds=self.embed(idx, images), targets=targets)
+
+    @torch.no_grad()
+    def generate(self, idx, images, max_new_tokens: int, stop_token: int) -> list[int]:
+        """Greedy reply to one prompt (1, T): the new token ids, without the stop token.
+        The prompt goes in as embeddings (images included) once; then token by token with the KV cache."""
+        room = self.config.block_size - idx.size(1)
+        if room < 1:
+            raise UserError(f"the prompt has {idx.size(1)} tokens; the context holds {self.config.block_size}")
+        cache = KVCache(self.config, 1, idx.device, self.lm.lm_head.weight.dtype)
+        logits, _ = self.lm(inputs_embeds=self.embed(idx, images), kv_cache=cache, last_only=True)
+        new = []
+        for _ in range(min(max_new_tokens, room)):
+            token = logits[:, -1].argmax(-1)
+            if int(token) == stop_token:
+                break
+            new.append(int(token))
+            if cache.length >= self.config.block_size:
+                break
+            logits, _ = self.lm(token[:, None], kv_cache=cache, last_only=True)
+        return new
+
+
+def parameter_counts(vlm: VisionLanguageModel) -> dict:
+    """Parameters by part; a tied weight counts once."""
+    def count(module):
+        return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    return {"encoder": count(vlm.encoder), "projector": count(vlm.projector), "language_model": count(vlm.lm)}
+
+
+def save_vlm(vlm: VisionLanguageModel, path) -> None:
+    save_checkpoint(vlm_checkpoint_meta(vlm) | {"model": vlm.state_dict()}, path)
+
+
+def vlm_checkpoint_meta(vlm: VisionLanguageModel) -> dict:
+    """Everything but the weights: enough to rebuild the model (training checkpoints carry it too)."""
+    return {"format": VLM_FORMAT, "config": vlm.lm.config.to_dict(), "vision_config": asdict(vlm.vision_config),
+            "image_token_id": vlm.image_token_id}
+
+
+def load_vlm(path, device="cpu") -> VisionLanguageModel:
+    """A saved VisionLanguageModel, in eval mode, or a one-line UserError."""
+    ckpt = load_checkpoint(path, hint=MAKE_VLM)
+    if ckpt.get("format") != VLM_FORMAT:
+        raise UserError(f"{path}: not a vision-language checkpoint (format {ckpt.get('format')!r}); "
+                        f"run {next_command(MAKE_VLM)}")
+    lm = Transformer(ModelConfig.from_dict(ckpt["config"], str(path)))
+    vlm = VisionLanguageModel(lm, VisionConfig.from_dict(ckpt["vision_config"]), int(ckpt["image_token_id"]))
+    try:
+        vlm.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit the saved config ({str(err).splitlines()[0][:200]})") from None
+    return vlm.to(device).eval()
