@@ -281,4 +281,7 @@ def test_notebook_runs():
     from tests.notebooks import outputs_text, run_notebook
 
     notebook = run_notebook("step1_tokenizer/step1_tokenizer.ipynb")
-    assert "[258, 100, 258, 97, 99]" in outputs_text(notebook)
+    text = outputs_text(notebook)
+    assert "[258, 100, 258, 97, 99]" in text
+    assert "the cells above == train_bpe_textbook: True" in text  # the loop built in cells is bpe.py's
+    assert "train_bpe_textbook == train_bpe:       True" in text

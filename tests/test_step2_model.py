@@ -475,4 +475,5 @@ def test_notebook_runs():
     notebook = run_notebook("step2_model/step2_model.ipynb", timeout=180)
     outputs = outputs_text(notebook)
     assert "embedding" in outputs and "total" in outputs
+    assert "the same output: True" in outputs  # attention computed by hand, head by head, is the module's
     assert has_image(notebook)

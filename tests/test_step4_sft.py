@@ -491,6 +491,8 @@ def test_notebook_runs():
     text = outputs_text(run_notebook("step4_sft/step4_sft.ipynb"))
     assert "largest gradient at a masked position: 0.0" in text  # the mask, seen in the gradient
     assert "same logits as the base model before training: True" in text
+    assert "lora.LoRALinear, same A and B, same output: True" in text  # LoRA built in cells is lora.py's
+    assert "lora.py merges to the same matrix: True" in text
     assert "LoRA layers left after merging: 0" in text
     assert "the second prompt held 3 earlier messages" in text
 
