@@ -37,6 +37,8 @@ STEPS = [
                         ["step4_sft/train_sft.py"],
                         ["step4_sft/train_lora.py", "--lora_r", "8"],
                         ["step4_sft/eval_sft.py"]]),
+    (6, "Multimodal", [["step6_multimodal/data.py", "--create_sample"],
+                       ["step6_multimodal/train_vlm.py"]]),
 ]
 # Scripts with nothing to place on a device take no --device (nor --threads).
 WITHOUT_DEVICE_FLAG = {"step1_tokenizer/show_tokens.py"}
