@@ -32,7 +32,9 @@ def extended_world(quick: bool = False, seed: int = 0):
     """(world with newcomers, the newcomers' names). seed: the world's seed (step 3's corpus uses 0)."""
     size = "quick" if quick else "default"
     base = build_world(seed, size)
-    world = add_newcomers(base, NEWCOMERS[size]["person"], NEWCOMERS[size]["creature"])
+    # Step 4's conversations name the default world's entities in every profile: never a newcomer's name.
+    avoid = build_world(seed, "default").entities if quick else ()
+    world = add_newcomers(base, NEWCOMERS[size]["person"], NEWCOMERS[size]["creature"], avoid=avoid)
     return world, [name for name in world.entities if name not in base.entities]
 
 
@@ -63,7 +65,7 @@ def retrieve_passages(db, question: str, k: int) -> tuple[list[int], list[float]
 
 def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int = 32, k: int = 2,
                       avoid=(), first_world: int = 1000, size: str = "quick") -> list[dict]:
-    """`n_examples` conversations {"task": "open_book", "kind": relation, "conversations": [...]}:
+    """`n_examples` conversations {"task": "open_book", "kind", "world_seed", "fact", "conversations"}:
     passages retrieved from a re-drawn world's database, a question, the answer in step 4's words.
     Worlds that would name any of `avoid` (the database-only newcomers) are skipped; so is a question
     whose passages do not hold its answer (the reader must never learn to answer without reading).
@@ -87,7 +89,8 @@ def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int
             if not any(holds_fact(p, world, fact) for p in passages):
                 continue
             rng.shuffle(passages)
-            records.append({"task": "open_book", "kind": fact.relation, "conversations":
+            records.append({"task": "open_book", "kind": fact.relation, "world_seed": world_seed,
+                            "fact": [fact.entity, fact.relation, fact.value], "conversations":
                             open_book_messages(question, passages) + [{"role": "assistant", "content": answer}]})
             if len(records) == n_examples:
                 break

@@ -237,7 +237,7 @@ def apply_overrides(world: World, overrides) -> World:
 NEWCOMERS = {"default": {"person": 12, "creature": 8}, "quick": {"person": 4, "creature": 2}}
 
 
-def add_newcomers(world: World, n_people: int, n_creatures: int, seed: int = 1) -> World:
+def add_newcomers(world: World, n_people: int, n_creatures: int, seed: int = 1, avoid=()) -> World:
     """A new World: the same entities and facts, plus `n_people` people and `n_creatures` creatures that
     no training text ever names (step 5 stores them only in its retrieval database).
 
@@ -246,12 +246,14 @@ def add_newcomers(world: World, n_people: int, n_creatures: int, seed: int = 1) 
     the corpus or of step 4's conversations. Their facts are drawn from the same closed value sets;
     they live in existing towns, and their best friends and pets are other newcomers (best friends
     come in pairs: a newcomer befriending an existing person would rewrite that person's fact).
-    The existing entities' facts are unchanged, so the corpus of `world` is unchanged too."""
+    The existing entities' facts are unchanged, so the corpus of `world` is unchanged too.
+    avoid: more names a newcomer may not clash with (the quick world's newcomers avoid the default
+    world's names, which step 4's conversations use in every profile)."""
     from common.world.skills import CONSONANTS, VOWELS  # (skills imports this module)
 
     made_up_shape = re.compile(f"(?:[{CONSONANTS}][{VOWELS}]){{2,3}}")
     rng = random.Random(f"newcomers {world.seed} {seed}")
-    taken = list(world.entities)
+    taken = list(world.entities) + list(avoid)
 
     def fresh(syllables, count):
         names = []
