@@ -37,6 +37,9 @@ STEPS = [
                         ["step4_sft/train_sft.py"],
                         ["step4_sft/train_lora.py", "--lora_r", "8"],
                         ["step4_sft/eval_sft.py"]]),
+    (5, "Retrieval", [["step5_retro/build_db.py"],
+                      ["step5_retro/sft_open_book.py"],
+                      ["step5_retro/eval_retrieval.py"]]),
     (6, "Multimodal", [["step6_multimodal/data.py", "--create_sample"],
                        ["step6_multimodal/train_vlm.py"]]),
 ]

@@ -45,6 +45,7 @@ EMBEDDERS = ("tfidf", "model")
 ARRAYS = ("chunks", "chunk_doc", "chunk_pos", "continuation", "neighbours", "alive")
 MAX_TRAIN_VECTORS = 20_000   # an index is trained on at most this many sampled vectors
 FAISS_POINTS_PER_CENTROID = 39  # faiss warns below this many training vectors per IVF list
+PQ_CODES = 256               # a PQ sub-quantiser of 8 bits (faiss's default) has 256 centroids to train
 
 
 def tokenizer_sha(tokenizer) -> str:
@@ -163,6 +164,10 @@ def make_index(vectors: np.ndarray, index_string: str = "Flat", nprobe: int = 8,
                         f"at least as many vectors as lists (ideally {FAISS_POINTS_PER_CENTROID} times as many): "
                         f"pass a smaller count, e.g. --index IVF{max(1, len(vectors) // FAISS_POINTS_PER_CENTROID)}"
                         f"{index_string[lists.end():]}")
+    if re.search(r"PQ\d+", index_string) and len(vectors) < PQ_CODES:
+        raise UserError(f"--index {index_string}: {len(vectors)} training vectors, but a product quantiser learns "
+                        f"{PQ_CODES} codes per sub-vector and needs at least that many; store more documents, "
+                        f"or use an index without PQ, e.g. --index Flat")
     try:
         index = faiss.index_factory(vectors.shape[1], index_string, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:

@@ -116,6 +116,8 @@ def test_bad_database_requests_are_clear_errors(tok, book, tmp_path):
         load_database(tmp_path / "nowhere", tok)
     with pytest.raises(UserError, match=r"IVF256,Flat: \d+ training vectors for 256 IVF lists.*39 times.*--index IVF\d"):
         build_database(documents, tok, None, chunk_size=16, index="IVF256,Flat")
+    with pytest.raises(UserError, match=r"IVF4,PQ8: \d+ training vectors, but a product quantiser learns 256 codes"):
+        build_database(documents, tok, None, chunk_size=16, index="IVF4,PQ8")
     with pytest.raises(UserError, match="k=500 neighbours from other documents.*pass a k of at most"):
         build_database(documents, tok, None, chunk_size=16, k=500)
     db = build_database(documents, tok, None, chunk_size=16)
