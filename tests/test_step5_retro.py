@@ -322,3 +322,14 @@ def test_a_missing_chat_model_says_what_to_run(quick_run, tmp_path):
     with pytest.raises(UserError, match="no chat model to start from; run python step4_sft/train_sft.py --quick"):
         sft_open_book.main(["--quick", "--tokenizer", str(quick_run.tokenizer), "--checkpoint", str(tmp_path / "x.pt"),
                             "--out", str(tmp_path)])
+
+
+@pytest.mark.verifies(STEP, "The step 5 notebook runs top to bottom")
+def test_notebook_runs():
+    from tests.notebooks import outputs_text, run_notebook
+
+    text = outputs_text(run_notebook("step5_retro/step5_retro.ipynb"))
+    for check in ("the same as database.py: True", "same vectors as database.py: True",
+                  "each chunk's nearest vector is a chunk with the same tokens: True", "same table as database.py: True",
+                  "a neighbour from the chunk's own document: False", "moved from Caldford to Willey: True"):
+        assert check in text
