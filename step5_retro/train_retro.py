@@ -1,0 +1,235 @@
+"""Train a Retro model on re-drawn worlds, beside a plain model, and measure what its neighbours give it.
+
+    python step5_retro/train_retro.py                   # --from_scratch: Retro and a plain twin, same tokens
+    python step5_retro/train_retro.py --retrofit        # step 3's model frozen; only encoder and CCA train
+    python step5_retro/train_retro.py --quick           # seconds: a smoke test
+
+The text comes from many small worlds, each drawn afresh, each with a library of its own fact
+sheets (retro_data.py): a name or a value in the text can only be predicted by reading a neighbour.
+Validation uses worlds no training run saw, read three ways: with their retrieved neighbours, with
+retrieval off (the decoder alone) and with random chunks of another world's library in their place.
+
+Writes out/step5/retro_<mode>.pt (and plain_<mode>.pt for --from_scratch), retro_<mode>_loss.png
+(Retro and plain together) and the "retro" section of out/step5/metrics.json.
+"""
+import argparse
+import copy
+import math
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a file: make the repo root importable from any folder
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.checkpoint import checkpoint_dict, save_checkpoint
+from common.cli import UserError, add_common_args, next_command, run_main, true_or_false
+from common.device import pick_device
+from common.metrics import write_metrics
+from common.model import ModelConfig, Transformer
+from common.paths import step_dir
+from common.plot import new_figure, save_figure
+from common.seed import seed_everything
+from common.train import TrainConfig, resolve_profile, train
+from step1_tokenizer.bpe import load_tokenizer
+from step5_retro.retro_data import TRAIN_SEED0, VAL_SEED0, retro_split
+from step5_retro.retro_model import RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
+
+MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
+RETRO_KEYS = ("chunk_size", "k", "cca_layers", "encoder_layers", "condition")
+TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every")
+# Any flag given on the command line wins over its profile. The model keys apply to --from_scratch only
+# (--retrofit takes its base's); the step counts are chosen to fit the 10-minute budget (README).
+PROFILES = {
+    "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, chunk_size=16, k=2,
+                  cca_layers="1", encoder_layers=1, condition=True, max_steps=30, batch_size=8, lr=3e-3, warmup_steps=5,
+                  eval_every=0, ckpt_every=0, train_worlds=20, val_worlds=3),
+    "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256, chunk_size=32, k=2,
+                    cca_layers="1,3", encoder_layers=2, condition=True, max_steps=500, batch_size=8, lr=2e-3, warmup_steps=30,
+                    eval_every=100, ckpt_every=100, train_worlds=400, val_worlds=20),
+    "gpu": dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512, chunk_size=32, k=2,
+                cca_layers="3,5,7", encoder_layers=2, condition=True, max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=200,
+                eval_every=500, ckpt_every=500, train_worlds=8000, val_worlds=50),
+}
+EVAL_ROWS = {"quick": 24, "default": 240, "gpu": 600}  # validation rows read for each figure
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--from_scratch", dest="mode", action="store_const", const="from_scratch",
+                      help="train decoder, encoder and CCA together, and a plain twin on the same tokens (default)")
+    mode.add_argument("--retrofit", dest="mode", action="store_const", const="retrofit",
+                      help="RETRO-fit --base: its weights frozen, only the encoder and CCA train")
+    parser.set_defaults(mode="from_scratch")
+    parser.add_argument("--base", default=None, help="plain model to RETRO-fit (default out/step3/model.pt)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
+    parser.add_argument("--out", default=None, help="output folder (default out/step5)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted Retro run exactly")
+    parser.add_argument("--no_plain", action="store_true", help="--from_scratch without the plain twin")
+    for key, value in PROFILES["default"].items():
+        parser.add_argument(f"--{key}", type=true_or_false if isinstance(value, bool) else type(value), default=None,
+                            help=f"default {value} (quick: {PROFILES['quick'][key]})")
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+NEIGHBOUR_MODES = ("retrieved", "off", "random")  # what the Retro model reads at validation
+
+
+@torch.no_grad()
+def measure(model, split, neighbours: str = "retrieved", rows: int | None = None, batch_size: int = 16) -> dict:
+    """Loss and perplexity on split's rows (all targets, fact targets, the rest) and top-1 accuracy on
+    facts. neighbours: "retrieved", "off" (none) or "random"; a plain Transformer reads none."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = len(split.rows) if rows is None else min(rows, len(split.rows))
+    sums = {"all": [0.0, 0], "fact": [0.0, 0], "rest": [0.0, 0]}
+    correct = 0
+    for first in range(0, n, batch_size):
+        index = np.arange(first, min(first + batch_size, n))
+        batch = {k: v.to(device) for k, v in split.batch(index, random_neighbours=neighbours == "random").items()}
+        if isinstance(model, RetroModel) and neighbours != "off":
+            logits, _ = model(batch["idx"], neighbours=batch["neighbours"])
+        else:
+            logits, _ = model(batch["idx"])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")
+        fact = torch.from_numpy(split.fact[index]).to(device)
+        for name, mask in (("all", torch.ones_like(fact)), ("fact", fact), ("rest", ~fact)):
+            sums[name][0] += float(nll[mask].sum())
+            sums[name][1] += int(mask.sum())
+        correct += int((logits.argmax(-1) == batch["targets"])[fact].sum())
+    out = {}
+    for name, (total, count) in sums.items():
+        loss = total / max(count, 1)
+        prefix = "" if name == "all" else name + "_"
+        out[prefix + "loss"], out[prefix + "ppl"] = round(loss, 4), round(math.exp(loss), 3)
+    out["fact_acc"] = round(correct / max(sums["fact"][1], 1), 4)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def batch_fn(split, batch_size: int, seed: int, with_neighbours: bool):
+    """The micro-batch of (step, micro): random rows, a pure function of its arguments (exact resume)."""
+    def fn(step, micro):
+        index = np.random.default_rng([seed, step, micro]).integers(0, len(split.rows), size=batch_size)
+        batch = split.batch(index)
+        return batch if with_neighbours else {"idx": batch["idx"], "targets": batch["targets"]}
+    return fn
+
+
+def fit(model, split, val, settings: dict, seed: int, name: str, out_dir, device, resume=False, meta=None):
+    cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
+    neighbours = isinstance(model, RetroModel)
+    rows = min(EVAL_ROWS[settings["profile"]] // 4, len(val.rows))  # a quick look during training
+    return train(model, cfg, batch_fn(split, cfg.batch_size, seed, neighbours), device=device,
+                 checkpoint_path=out_dir / f"{name}_checkpoint.pt",
+                 eval_fn=lambda m: measure(m, val, "retrieved" if neighbours else "off", rows)["loss"],
+                 resume=resume, checkpoint_meta=meta, desc=name)
+
+
+def plot_runs(runs: dict, path, title: str):
+    """Train loss (a moving average) and validation loss of each run, on one axis."""
+    fig, ax = new_figure()
+    for label, history in runs.items():
+        loss = np.asarray(history["loss"])
+        width = max(1, len(loss) // 25)
+        smooth = np.convolve(loss, np.ones(width) / width, mode="valid")
+        line, = ax.plot(history["step"][width - 1:], smooth, label=f"{label} (train)", linewidth=1)
+        if history["val_step"]:
+            ax.plot(history["val_step"], history["val_loss"], "o--", color=line.get_color(),
+                    label=f"{label} (validation)")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    settings = resolve_profile(args, device, PROFILES)
+    settings["cca_layers"] = [int(i) for i in str(settings["cca_layers"]).split(",") if i.strip()]
+    out_dir = pathlib.Path(args.out or step_dir(5))
+    tokenizer = load_tokenizer(args.tokenizer)
+
+    if args.mode == "retrofit":
+        base_path = pathlib.Path(args.base or step_dir(3) / "model.pt")
+        decoder = load_plain(base_path, device)
+        plain = copy.deepcopy(decoder)  # the base itself is the plain model to beat
+    else:
+        config = ModelConfig(vocab_size=tokenizer.vocab_size, **{k: settings[k] for k in MODEL_KEYS})
+        decoder = Transformer(config).to(device)
+        plain = None if args.no_plain else copy.deepcopy(decoder)  # the same initial weights
+    if decoder.config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"the model has {decoder.config.vocab_size} token ids but the tokenizer has "
+                        f"{tokenizer.vocab_size}: pass the --tokenizer the base model was trained with")
+    block_size = decoder.config.block_size
+    retro = RetroConfig(**{k: settings[k] for k in RETRO_KEYS})
+    model = RetroModel(decoder, retro)
+    if args.mode == "retrofit":
+        model.freeze_base()
+
+    train_split = retro_split(range(TRAIN_SEED0, TRAIN_SEED0 + settings["train_worlds"]), tokenizer,
+                              block_size, retro.chunk_size, retro.k)
+    val = retro_split(range(VAL_SEED0, VAL_SEED0 + settings["val_worlds"]), tokenizer, block_size,
+                      retro.chunk_size, retro.k)
+    check_database(train_split.meta, val.meta, "validation neighbours")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.mode} ({settings['profile']} profile on {device}): {len(train_split.rows):,} training rows "
+          f"of {block_size} tokens from {settings['train_worlds']} worlds, {len(val.rows)} validation rows; "
+          f"{n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+
+    name = f"retro_{args.mode}"
+    meta = {"config": decoder.config.to_dict(), "retro": retro.to_dict(), "database": train_split.meta}
+    result = fit(model, train_split, val, settings, args.seed, name, out_dir, device, args.resume, meta)
+    save_checkpoint(retro_checkpoint(model, train_split.meta), out_dir / f"{name}.pt")
+    histories = {"Retro": result["history"]}
+    plain_seconds = None
+    if plain is not None and args.mode == "from_scratch":
+        plain_result = fit(plain, train_split, val, settings, args.seed, f"plain_{args.mode}", out_dir, device,
+                           meta={"config": plain.config.to_dict()})
+        save_checkpoint(checkpoint_dict(plain), out_dir / f"plain_{args.mode}.pt")
+        histories["plain"], plain_seconds = plain_result["history"], plain_result["train_seconds"]
+    plot = plot_runs(histories, out_dir / f"{name}_loss.png", f"Retro ({args.mode}) and plain")
+
+    rows = EVAL_ROWS[settings["profile"]]
+    figures = {mode: measure(model, val, mode, rows) for mode in NEIGHBOUR_MODES}
+    plain_figures = measure(plain, val, "off", rows) if plain is not None else None
+    metrics = {"profile": settings["profile"], "device": str(device), "train_seconds": result["train_seconds"],
+               "plain_train_seconds": plain_seconds, "steps": result["steps"], "trainable_params": n_train,
+               "train_tokens": result["train_tokens"], "gates": [round(g, 4) for g in model.gates()],
+               "retro": figures, "plain": plain_figures,
+               "retro_val_ppl": figures["retrieved"]["ppl"], "retro_val_ppl_no_retrieval": figures["off"]["ppl"],
+               "retro_val_ppl_random_neighbours": figures["random"]["ppl"]}
+    if plain_figures is not None:
+        metrics["gpt_val_ppl"] = plain_figures["ppl"]
+        metrics["fact_ppl_drop"] = round(1 - figures["retrieved"]["fact_ppl"] / plain_figures["fact_ppl"], 4)
+        metrics["no_retrieval_ppl_change"] = round(figures["off"]["ppl"] / plain_figures["ppl"] - 1, 4)
+    if out_dir == step_dir(5):
+        write_metrics(5, {args.mode: metrics}, section="retro")
+    print_report(metrics)
+    print(f"saved {out_dir / (name + '.pt')}, loss curves in {plot}")
+    print(f"next: {next_command('python step5_retro/train_retro.py --retrofit' if args.mode == 'from_scratch' else 'python step5_retro/eval_retrieval.py')}")
+    return {**result, **metrics, "model": model, "plain_model": plain, "val": val}
+
+
+def print_report(metrics: dict) -> None:
+    rows = [(f"Retro, {mode} neighbours" if mode != "off" else "Retro, retrieval off", metrics["retro"][mode])
+            for mode in NEIGHBOUR_MODES]
+    if metrics["plain"] is not None:
+        rows.append(("plain model", metrics["plain"]))
+    print(f"{'validation worlds (never trained on)':38s} {'ppl':>8s} {'fact ppl':>9s} {'fact acc':>9s} {'rest ppl':>9s}")
+    for label, f in rows:
+        print(f"{label:38s} {f['ppl']:8.3f} {f['fact_ppl']:9.3f} {f['fact_acc']:9.1%} {f['rest_ppl']:9.3f}")
+    print(f"gates tanh(alpha): {metrics['gates']}")
+
+
+if __name__ == "__main__":
+    run_main(main)
