@@ -32,8 +32,8 @@ import torch
 from common.cli import UserError, add_common_args, run_main
 from common.paths import step_dir
 from step1_tokenizer.bpe import IMAGE, load_tokenizer
-from step4_sft.chat_template import CONTENT_PREFIX, encode_header, encode_turn, shift_labels
-from step4_sft.data import SkipReport, read_conversations, write_jsonl
+from step4_sft.chat_template import CONTENT_PREFIX, encode_header, encode_turn
+from step4_sft.data import SkipReport, collate, read_conversations, write_jsonl
 from step6_multimodal.images import (COLOURS, IMAGE_SIZE, KINDS, MAX_SHAPES, draw, load_image, random_scene,
                                      save_png, to_tensor)
 from step6_multimodal.vision import VisionConfig
@@ -168,16 +168,9 @@ def image_tag_count(messages) -> int:
 
 
 def collate_images(examples: list[ImageExample], pad_id: int) -> dict:
-    """Pad to the longest example (padding has mask 0), shift: {"idx", "targets", "images"}; the images
-    of all rows in one (n, 3, H, W) tensor, in the order their placeholders come (row by row)."""
-    longest = max(len(e.ids) for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, :len(e.ids)] = torch.tensor(e.ids)
-        mask[row, :len(e.mask)] = torch.tensor(e.mask)
-    inputs, targets = shift_labels(ids, mask)
-    return {"idx": inputs, "targets": targets, "images": torch.cat([e.images for e in examples])}
+    """Step 4's collate (pad, shift: "idx", "targets"), plus "images": the pictures of all rows in one
+    (n, 3, H, W) tensor, in the order their placeholders come (row by row)."""
+    return {**collate(examples, pad_id), "images": torch.cat([e.images for e in examples])}
 
 
 def generated_examples(tokenizer, rng: np.random.Generator, kinds: list[str], max_tokens: int,

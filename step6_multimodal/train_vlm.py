@@ -90,10 +90,14 @@ def file_batches(examples, batch_size: int, pad_id: int, seed: int):
 
 
 def run_stage(vlm, stage: int, settings: dict, batch_fn, device, out_dir: pathlib.Path) -> dict:
+    """One stage with the shared training loop; its figures. cpu_seconds is this process's processor
+    time: on a machine shared with other jobs, about what the stage takes alone (with one thread)."""
+    cpu_started = time.process_time()
     result = train(vlm, stage_config(settings, stage), batch_fn, device=device,
                    checkpoint_path=out_dir / f"stage{stage}_checkpoint.pt", checkpoint_meta=vlm_checkpoint_meta(vlm),
                    desc=f"stage {stage}", plot_path=out_dir / f"stage{stage}_loss.png")
     return {"steps": result["steps"], "train_seconds": result["train_seconds"],
+            "cpu_seconds": round(time.process_time() - cpu_started, 1),
             "final_train_loss": round(result["final_train_loss"], 4),
             "trainable_params": count_trainable(vlm)[0]}
 
@@ -154,6 +158,7 @@ def main(argv=None):
     grid = answers_grid(vlm, tokenizer, held_out, out_dir / "answers.png")
     metrics = {"vqa_acc": vqa, "blank_image_acc": blank, "stage1": stage1, "stage2": stage2,
                "train_seconds": round(stage1["train_seconds"] + stage2["train_seconds"], 1),
+               "cpu_seconds": round(stage1["cpu_seconds"] + stage2["cpu_seconds"], 1),
                "eval_seconds": round(time.time() - started, 1), "params": parameter_counts(vlm),
                "image_tokens": vlm.n_image_tokens, "held_out_questions": len(held_out),
                "stage2_lm": f"lora r={args.lora_r}" if args.lora_r else "all weights",

@@ -292,3 +292,15 @@ def test_chat(trained, byte_tok, tmp_path):
     with pytest.raises(UserError, match="nope.png: image file not found"):
         chat.main(["--image", str(tmp_path / "nope.png"), "--checkpoint", str(result["model_path"]),
                    "--tokenizer", str(tokenizer_path)])
+
+
+@pytest.mark.verifies(STEP, "The step 6 notebook runs top to bottom")
+def test_notebook_runs():
+    from tests.notebooks import has_image, outputs_text, run_notebook
+
+    notebook = run_notebook("step6_multimodal/step6_multimodal.ipynb")
+    text = outputs_text(notebook)
+    assert "(16 of them)" in text and "loss on an image position: False" in text
+    assert "patch embedding as one matrix == the conv: True" in text
+    assert "same embeddings as vision.py: True" in text
+    assert has_image(notebook)
