@@ -98,7 +98,8 @@ def test_skill_text_states_no_fact_of_the_world(world, docs):
 
 def test_the_default_corpus_is_world_text_quiz_pages_and_skill_text(world):
     docs = generated_documents()
-    world_docs = generate_documents(world, target_bytes=round(CORPUS_BYTES['default'] * (1 - SKILL_SHARE - QUIZ_SHARE)), seed=0)
+    world_bytes = round(CORPUS_BYTES['default'] * (1 - SKILL_SHARE - QUIZ_SHARE))
+    world_docs = generate_documents(world, target_bytes=world_bytes, seed=0)
     quiz = quiz_documents(world, target_bytes=round(CORPUS_BYTES['default'] * QUIZ_SHARE), seed=0)
     skill = [d for d in docs if d not in set(world_docs + quiz)]
     share = lambda part: sum(len(d) + 2 for d in part) / sum(len(d) + 2 for d in docs)  # noqa: E731
@@ -117,7 +118,8 @@ def test_held_out_documents_are_never_training_documents():
 def test_replayed_text_is_the_world_part_of_the_training_split():
     """Step 4 replays these: every world document of the training split, in order, and no skill text."""
     train, heldout = default_documents(quick=True)
-    skill = set(skill_documents(build_world(0, "quick"), target_bytes=round(CORPUS_BYTES['quick'] * SKILL_SHARE), seed=0))
+    skill = set(skill_documents(build_world(0, "quick"), target_bytes=round(CORPUS_BYTES['quick'] * SKILL_SHARE),
+                                seed=0))
     replayed = world_training_documents(quick=True)
     assert replayed == [d for d in train if d not in skill]
     assert len(replayed) > 50 and not set(replayed) & skill and not set(replayed) & set(heldout)
