@@ -191,8 +191,9 @@ def test_sample_sets_hold_out_their_evaluation_items():
     assert answers(train) <= {ask(f)[1] for f in quiz} and answers(evaluation) <= {ask(f)[1] for f in exam}
     # Users' names: evaluation only the held-out world names; training the others and made-up ones
     world_names = build_world(0).names()
-    users = lambda records: {re.search(r"Your name is (\w+)\.", r["conversations"][-1]["content"]).group(1)  # noqa: E731
-                             for r in records if r["kind"] == "name"}
+    users = lambda records: {  # noqa: E731
+        re.search(r"Your name is (\w+)\.", r["conversations"][-1]["content"]).group(1)
+        for r in records if r["kind"] == "name"}
     assert users(evaluation) and all(n in world_names and held_out_name(n) for n in users(evaluation))
     made_up = users(train) - set(world_names)
     assert made_up and not any(held_out_name(n) for n in users(train) & set(world_names))
@@ -227,7 +228,8 @@ def test_bad_lines_are_skipped_with_reasons_or_fail_when_strict(tok, tmp_path, c
 def test_minimind_style_file_loads_and_trains(tok, files, tmp_path):
     """A real-world line: Chinese text, extra keys, no task field, several turns."""
     line = {"conversations": [{"role": "user", "content": "你好，请介绍一下自己"},
-                              {"role": "assistant", "content": "我是一个人工智能助手。", "reasoning_content": ""},
+                              {"role": "assistant", "content": "我是一个人工智能助手。",
+                               "reasoning_content": ""},
                               {"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]}
     path = tmp_path / "sft_mini_512.jsonl"
     path.write_text((json.dumps(line, ensure_ascii=False) + "\n") * 4, encoding="utf-8")
