@@ -43,24 +43,28 @@ def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+ANY_CHECKPOINT = "python step3_pretrain/train_pretrain.py"  # what makes a checkpoint, when the caller names nothing
+
+
 def load_checkpoint(path, map_location="cpu", hint: str = "") -> dict:
     """Load a checkpoint safely; a missing or corrupt file is a UserError.
 
-    `hint` is the command that makes the file, e.g. "python step3_pretrain/train_pretrain.py".
+    `hint` is the command that makes the file (default ANY_CHECKPOINT), named by every error.
     """
     import torch
 
     path = Path(path)
-    then = f"; run {next_command(hint)}" if hint else ""
+    then = f"; run {next_command(hint or ANY_CHECKPOINT)} to make one"
     if not path.exists():
         raise UserError(f"{path}: checkpoint not found{then}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, pickle of code, not a torch file, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({reason[:200]}){then}") from None
+    except Exception:  # truncated zip, pickle of code, not a torch file, ...
+        # PyTorch's own message would advise weights_only=False: loading an untrusted pickle runs its code.
+        raise UserError(f"{path}: not a checkpoint of this tutorial (it does not load as tensors and plain "
+                        f"values: cut short, or another program's file){then}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a checkpoint dict, found {type(obj).__name__}{then}")
+        raise UserError(f"{path}: not a checkpoint of this tutorial (a {type(obj).__name__}, not a dict){then}")
     return obj
 
 
@@ -112,8 +116,25 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", config=None):
     return model
 
 
-def load_model(path, device="cpu", config=None, hint: str = "python step3_pretrain/train_pretrain.py"
-               ):
-    """Load a model checkpoint file (see checkpoint_dict) onto `device`, in eval mode."""
+def check_tokenizer(ckpt: dict, tokenizer_fingerprint: str, source) -> None:
+    """Refuse a model and a tokenizer that do not belong together.
+
+    The training scripts save the fingerprint of their tokenizer (step3_pretrain.data.tokenizer_fingerprint)
+    beside "config". A tokenizer retrained on other text can have the same vocabulary size and still give
+    every id another meaning: the model would read nonsense without any error. Checkpoints saved before
+    fingerprints carry none and are accepted unchecked."""
+    saved = ckpt.get("tokenizer_fingerprint")
+    if saved is not None and saved != tokenizer_fingerprint:
+        raise UserError(f"{source} was trained with another tokenizer (fingerprint {saved}) than the one given "
+                        f"(fingerprint {tokenizer_fingerprint}): pass the --tokenizer it was trained with, or "
+                        f"train it again with this one")
+
+
+def load_model(path, device="cpu", config=None, hint: str = "python step3_pretrain/train_pretrain.py",
+               tokenizer_fingerprint: str | None = None):
+    """Load a model checkpoint file (see checkpoint_dict) onto `device`, in eval mode. With
+    `tokenizer_fingerprint` (of the tokenizer the caller will use), a model trained with another is refused."""
     ckpt = load_checkpoint(path, map_location="cpu", hint=hint)
+    if tokenizer_fingerprint is not None:
+        check_tokenizer(ckpt, tokenizer_fingerprint, path)
     return model_from_checkpoint(ckpt, str(path), config).to(device).eval()

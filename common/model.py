@@ -119,8 +119,9 @@ class ModelConfig:
 
 
 _ACCEPTS = {int: numbers.Integral, float: numbers.Real, bool: bool}  # field type -> values it takes
-# The --quick model: step 3's quick profile on step 1's quick tokenizer (512 ids); step 2's scripts take it with --quick.
-QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+# The --quick model: step 3's quick profile on step 1's quick tokenizer (512 ids); step 2's scripts
+# take it with --quick.
+QUICK_CONFIG = ModelConfig(vocab_size=512, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -31,3 +31,10 @@ def step_dir(step: int) -> Path:
     path = OUT_DIR / f"step{step}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def own_data_dir(step: int, data) -> Path:
+    """Where a run on the learner's own data writes when no --out is given: out/stepN/<data's name>/
+    (out/step4/my_chats/ for --data my_chats.jsonl), so the tutorial's own model in out/stepN/ is never
+    replaced by a run on other data."""
+    return step_dir(step) / Path(data).stem

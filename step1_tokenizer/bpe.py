@@ -473,7 +473,13 @@ def load_tokenizer(path=None):
     return Tokenizer.load(default_tokenizer_path() if path is None else path)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a module with a demo; train_tokenizer.py trains the real tokenizer
+    import argparse
+
+    demo = argparse.ArgumentParser(description=(
+        "A module (step1_tokenizer/train_tokenizer.py and every later step use it). Run as a file, it shows "
+        "BPE on one tiny string: the merges the textbook trainer and the fast one learn, and the ids it encodes to."))
+    demo.parse_args()
     size = 256 + 3 + len(DEFAULT_SPECIAL_TOKENS)
     print("textbook merges:", train_bpe_textbook(["aaabdaaabac"], vocab_size=size).merges)
     tok = train_bpe(["aaabdaaabac"], vocab_size=size)

@@ -6,6 +6,11 @@ Step 2 teaches these; later steps import them from here (step 4's evaluation rep
     counts = count_parameters(model)         # measured, by part
     formula = param_formula(model.config)    # the same counts from the config alone
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step2_model/inspect_model.py is a module, not a script: "
+                     "step2_model/param_count.py and step2_model/attention_map.py use it")
+
 import torch
 
 from common.model import ModelConfig, Transformer

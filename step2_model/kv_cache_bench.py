@@ -29,12 +29,12 @@ import torch
 from common.cli import UserError, add_common_args, add_model_args, config_from_args, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.model import ModelConfig, Transformer, kv_cache_bytes
+from common.model import QUICK_CONFIG, ModelConfig, Transformer, kv_cache_bytes
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
 
-QUICK = dict(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, new_tokens=48, repeats=1)
+QUICK = dict(QUICK_CONFIG.to_dict(), new_tokens=48, repeats=1)
 # A large published GQA model's shapes (Llama-2-70B: 80 layers, 64 query heads, 8 kv heads of 128),
 # only to show what GQA saves at scale; nothing is built.
 BIG = dict(name="Llama-2-70B shapes", n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, seq_len=4096)

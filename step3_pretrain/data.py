@@ -1,7 +1,7 @@
 """Pretraining data: text -> one long stream of token ids on disk.
 
     python step3_pretrain/data.py            # the generated corpus (the text step 1 trained on)
-    python step3_pretrain/data.py --input my.txt   # any UTF-8 text, or JSONL with {"text": ...}
+    python step3_pretrain/data.py --input my.txt   # any UTF-8 text, or JSONL with {"text": ...}: out/step3/my/
     python step3_pretrain/data.py --echo_games 20000 --out out/echo_only   # only copying
 
 Writes out/step3/train.bin and val.bin (token ids, uint16 when the vocabulary
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from common.checkpoint import atomic_write_text
 from common.cli import UserError, add_common_args, next_command, run_main
-from common.paths import step_dir
+from common.paths import own_data_dir, step_dir
 from common.world.corpus import HELDOUT_FRACTION, default_documents, read_documents, split_heldout
 from common.world.skills import echo_documents
 from common.world.world import build_world
@@ -37,8 +37,15 @@ MAKE_DATA = "python step3_pretrain/data.py"
 
 
 def tokenizer_fingerprint(path) -> str:
-    """A short hash of the tokenizer file: token files remember which tokenizer made them."""
+    """A short hash of the tokenizer file: token files and checkpoints remember which tokenizer made them."""
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_tokenizer_with_fingerprint(path=None):
+    """(tokenizer, fingerprint) of the tokenizer file at `path` (default out/tokenizer.json): a script that
+    loads a model passes the fingerprint to load_model, which refuses a model trained with another."""
+    path = pathlib.Path(path or default_tokenizer_path())
+    return load_tokenizer(path), tokenizer_fingerprint(path)
 
 
 def encode_documents(tokenizer, docs: list[str], desc: str) -> np.ndarray:
@@ -121,7 +128,8 @@ def main(argv=None):
                         help="instead of the corpus, N echo games: rows of random words said and said back, "
                              "text that only copying predicts (EXPERIMENTS.md, 'Can more text teach copying?')")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
-    parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3)")
+    parser.add_argument("--out", default=None, help="folder for train.bin, val.bin, meta.json (default out/step3; "
+                                                    "with --input FILE: out/step3/<FILE's name>)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.input and args.echo_games:
@@ -129,11 +137,15 @@ def main(argv=None):
     if args.echo_games and not args.out:  # never replace the tokens step 3 trains on by default
         raise UserError("--echo_games makes a corpus of its own: give it a folder of its own, "
                         "e.g. --out out/echo_only (out/step3 holds the corpus step 3 trains on)")
-    meta = prepare(args.out or step_dir(3), args.tokenizer, args.input, args.quick, args.echo_games)
+    # Other text gets a folder of its own: the tutorial's tokens (and the model trained on them) stay.
+    out_dir = pathlib.Path(args.out or (own_data_dir(3, args.input) if args.input else step_dir(3)))
+    meta = prepare(out_dir, args.tokenizer, args.input, args.quick, args.echo_games)
     for split in ("train", "val"):
         info = meta[split]
         print(f"{split}: {info['documents']:,} documents, {info['bytes']:,} bytes -> {info['tokens']:,} tokens "
               f"({info['bytes'] / info['tokens']:.2f} bytes/token)")
+    if out_dir != step_dir(3):
+        print(f"wrote {out_dir}; next: {next_command(f'python step3_pretrain/train_pretrain.py --data {out_dir}')}")
     return meta
 
 

@@ -26,7 +26,6 @@ from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
 from common.world.corpus import read_documents
-from step1_tokenizer.bpe import load_tokenizer
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -72,8 +71,10 @@ def main(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device)
-    tokenizer = load_tokenizer(args.tokenizer)
+    from step3_pretrain.data import load_tokenizer_with_fingerprint
+
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, tokenizer_fingerprint=fingerprint)
     if args.input:
         tokens = []
         for doc in read_documents(args.input):

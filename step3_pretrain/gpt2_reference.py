@@ -8,6 +8,11 @@ It is a timing reference, not part of the course's model: that is common/model.p
 not change the time is left out: nanoGPT's weight initialisation (PyTorch's default here) and
 its dropout layers (at p=0 they hand their input through).
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step3_pretrain/gpt2_reference.py is a module, not a script: "
+                     "step3_pretrain/bench_throughput.py --against_gpt2 uses it")
+
 import torch
 import torch.nn.functional as F
 from torch import nn

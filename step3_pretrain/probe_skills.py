@@ -37,7 +37,7 @@ from common.metrics import write_metrics
 from common.paths import step_dir
 from common.world.skills import MAX_NUMBER, MAX_TOTAL, skill_documents
 from common.world.world import ask, build_world, phrasings, split_facts
-from step1_tokenizer.bpe import load_tokenizer
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
 # Where a skill document is cut for the copying probe, and where its copied part ends: the numbered
@@ -132,8 +132,10 @@ def main(argv=None):
     parser.add_argument("--show", type=int, default=5, help="print this many wrong completions of each kind")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
-    result = probe(model, load_tokenizer(args.tokenizer), build_world(args.seed, "quick" if args.quick else "default"))
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device),
+                       tokenizer_fingerprint=fingerprint)
+    result = probe(model, tokenizer, build_world(args.seed, "quick" if args.quick else "default"))
     for kind in result["wrong"]:  # facts, sums, exam_questions, copying
         print(f"{kind}: {result[kind]:.1%} of {result['n_' + kind]} completed right")
         if kind == "facts":

@@ -18,7 +18,7 @@ from common.checkpoint import load_model
 from common.cli import add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step1_tokenizer.bpe import load_tokenizer
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 
 
 def sample_texts(model, tokenizer, prompt: str = "", n: int = 3, max_new_tokens: int = 120,
@@ -54,8 +54,10 @@ def main(argv=None):
                                                                   "whose probabilities add up to p")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device))
-    texts = sample_texts(model, load_tokenizer(args.tokenizer), args.prompt, args.n, args.max_new_tokens,
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", pick_device(args.device),
+                       tokenizer_fingerprint=fingerprint)
+    texts = sample_texts(model, tokenizer, args.prompt, args.n, args.max_new_tokens,
                          args.temperature, args.top_k, args.top_p, args.seed)
     for i, text in enumerate(texts, 1):
         print(f"--- sample {i} ---\n{text}\n")

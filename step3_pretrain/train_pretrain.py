@@ -7,7 +7,8 @@
 
 Writes out/step3/checkpoint.pt (everything needed to resume), out/step3/model.pt
 (config + weights: what steps 4-6 start from), out/step3/loss_curve.png,
-out/step3/samples.txt and out/step3/metrics.json.
+out/step3/samples.txt and out/step3/metrics.json. With --data DIR (other text, from
+data.py --input), the model goes to DIR, beside its data, and out/step3's model stays.
 """
 import argparse
 import pathlib
@@ -27,15 +28,16 @@ from common.model import ModelConfig, Transformer
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
-from step1_tokenizer.bpe import load_tokenizer
-from step3_pretrain.data import load_tokens, random_windows
+from step3_pretrain.data import load_tokenizer_with_fingerprint, load_tokens, random_windows
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 
 # Sizes for each profile. "default" fits ~10 minutes on a 2-core laptop CPU;
 # "gpu" is chosen automatically on CUDA. Any flag given on the command line wins.
+# "quick" (common.model.QUICK_CONFIG) has the default's context, so that step 4's quick conversations
+# fit it whole; two rows a step keep its tokens per step small.
 PROFILES = {
-    "quick":   dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64,
-                    max_steps=30, batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=5, eval_every=15, ckpt_every=15),
+    "quick":   dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=256,
+                    max_steps=30, batch_size=2, grad_accum=1, lr=3e-3, warmup_steps=5, eval_every=15, ckpt_every=15),
     "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256,
                     max_steps=600, batch_size=12, grad_accum=1, lr=2e-3, warmup_steps=50, eval_every=100,
                     ckpt_every=100),
@@ -57,7 +59,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="folder made by data.py (default out/step3)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
-    parser.add_argument("--out", default=None, help="output folder (default out/step3)")
+    parser.add_argument("--out", default=None, help="output folder (default: the --data folder, out/step3)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model: pays off on CUDA, and on a CPU at toy sizes only "
@@ -79,7 +81,7 @@ def main(argv=None):
     kernels.set_kernels(args.kernels)
     settings = resolve_profile(args, device, PROFILES)
     data_dir = pathlib.Path(args.data or step_dir(3))
-    out_dir = pathlib.Path(args.out or step_dir(3))
+    out_dir = pathlib.Path(args.out or data_dir)  # a model trained on other data stays beside that data
     train_tokens, meta = load_tokens(data_dir, "train", args.tokenizer)
     val_tokens, _ = load_tokens(data_dir, "val", args.tokenizer)
     block_size = settings["block_size"]
@@ -95,7 +97,7 @@ def main(argv=None):
         print(f"profile {settings['profile']} on {device}: {n_params / 1e6:.2f}M parameters, "
               f"{cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum * dist.world_size} sequences "
               f"x {block_size} tokens")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)  # saved with the model
     byte_lengths = token_byte_lengths(tokenizer)
     eval_tokens = 20_000 if args.quick else 100_000
 
@@ -106,12 +108,12 @@ def main(argv=None):
         model, cfg,
         lambda step, micro: random_windows(train_tokens, block_size, cfg.batch_size, args.seed, step, micro),
         device=device, checkpoint_path=out_dir / "checkpoint.pt", eval_fn=eval_fn, resume=args.resume,
-        checkpoint_meta={"config": config.to_dict()}, dist_info=dist, desc="pretrain",
-        plot_path=out_dir / "loss_curve.png")
+        checkpoint_meta={"config": config.to_dict(), "tokenizer_fingerprint": fingerprint}, dist_info=dist,
+        desc="pretrain", plot_path=out_dir / "loss_curve.png")
     if not dist.is_main:
         return result
 
-    save_checkpoint(checkpoint_dict(model), out_dir / "model.pt")
+    save_checkpoint(checkpoint_dict(model, tokenizer_fingerprint=fingerprint), out_dir / "model.pt")
     final = evaluate_stream(model, val_tokens, byte_lengths, block_size, max_tokens=eval_tokens, device=device)
     from step3_pretrain.sample import sample_texts
     samples = sample_texts(model, tokenizer, n=3, max_new_tokens=60 if args.quick else 120, seed=args.seed)

@@ -26,10 +26,11 @@ from common.checkpoint import load_model
 from common.cli import QUICK_MODEL_NOTE, UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step1_tokenizer.bpe import load_tokenizer
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step3_pretrain.train_pretrain import MODEL_KEYS, PROFILES
 from step4_sft.chat_template import decode_reply, encode_prompt
 from step4_sft.lora import load_adapter, merge_lora
+from step4_sft.sft import MAKE_BASE
 
 MAKE_SFT = "python step4_sft/train_sft.py"
 # The reply's room comes out of the context: with block_size 256, a 64-token reply leaves 192
@@ -38,12 +39,14 @@ REPLY_TOKENS = 64
 QUICK_PROFILE = PROFILES["quick"]
 
 
-def load_chat_model(checkpoint=None, lora=None, device="cpu", merge: bool = True):
+def load_chat_model(checkpoint=None, lora=None, device="cpu", merge: bool = True, tokenizer_fingerprint=None):
     """A model to talk to: `checkpoint` (default: the SFT model, or the step-3 model when an
-    adapter is given), with the LoRA adapter `lora` put on and merged into the weights."""
+    adapter is given), with the LoRA adapter `lora` put on and merged into the weights.
+    tokenizer_fingerprint: of the tokenizer in use; a model trained with another is refused."""
     if checkpoint is None:
         checkpoint = step_dir(3) / "model.pt" if lora else step_dir(4) / "sft_model.pt"
-    model = load_model(checkpoint, device, hint=MAKE_SFT)
+    model = load_model(checkpoint, device, hint=MAKE_BASE if lora else MAKE_SFT,  # the command that makes it
+                       tokenizer_fingerprint=tokenizer_fingerprint)
     if lora:
         load_adapter(model, lora)
         if merge:  # W + (alpha/r) B A computed once: afterwards as fast as the base model
@@ -173,8 +176,8 @@ def main(argv=None):
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
     device = pick_device(args.device)
-    model = load_chat_model(args.checkpoint, args.lora, device)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    model = load_chat_model(args.checkpoint, args.lora, device, tokenizer_fingerprint=fingerprint)
     if model.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")

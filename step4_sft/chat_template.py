@@ -28,6 +28,11 @@ Steps 5 and 6 reuse this module, so every step talks to the model the same way.
     ...                                       {"role": "assistant", "content": "Hello!"}])
     >>> inputs, targets = shift_labels(torch.tensor(ids), torch.tensor(mask))
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step4_sft/chat_template.py is a module, not a script: "
+                     "step4_sft/data.py and step4_sft/chat.py use it")
+
 import torch
 
 from common.cli import UserError

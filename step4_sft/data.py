@@ -28,12 +28,13 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write_text
+from common.checkpoint import atomic_write_text, load_checkpoint
 from common.cli import UserError, add_common_args, next_command, run_main
-from common.model import IGNORE_INDEX
+from common.model import IGNORE_INDEX, ModelConfig
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
 from step3_pretrain.data import random_windows
+from step3_pretrain.train_pretrain import PROFILES
 from step4_sft.chat_template import conversation_problem, encode_conversation, shift_labels
 from step4_sft.tasks import make_datasets
 
@@ -201,6 +202,20 @@ def mask_table(tokenizer, messages) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
+def training_context(checkpoint, block_size: int | None, quick: bool) -> tuple[int, str]:
+    """The context length training would use, and where it comes from: --block_size, else the block size
+    of the model training starts from, else (no model yet) step 3's profile's."""
+    if block_size:
+        return block_size, "--block_size"
+    path = pathlib.Path(checkpoint or step_dir(3) / "model.pt")
+    if checkpoint or path.exists():  # a --checkpoint that is not there is an error, not a fallback
+        config = ModelConfig.from_dict(load_checkpoint(path).get("config"), str(path))
+        return config.block_size, f"the block size of {path}, as training uses it"
+    profile = "quick" if quick else "default"
+    return PROFILES[profile]["block_size"], f"step 3's {profile} profile: there is no model at {path} yet"
+
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--create_sample", action="store_true",
@@ -209,7 +224,11 @@ def main(argv=None):
     parser.add_argument("--check", default=None, metavar="FILE",
                         help="load a conversation file as training would, and report what it skips")
     parser.add_argument("--strict", action="store_true", help="with --check: stop at the first bad line")
-    parser.add_argument("--block_size", type=int, default=256, help="context length for --check (default 256)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="with --check: the pretrained model training starts from (default out/step3/model.pt); "
+                             "its context length is the limit, as in training")
+    parser.add_argument("--block_size", type=int, default=None,
+                        help="with --check: this context length instead of the --checkpoint's")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--out", default=None, help="folder for sft_train.jsonl / sft_eval.jsonl (default out/step4)")
     add_common_args(parser)
@@ -232,7 +251,9 @@ def main(argv=None):
     if args.show_mask:
         print(mask_table(tokenizer, SHOW_MASK_EXAMPLE))
     if args.check:
-        examples = load_examples(args.check, tokenizer, args.block_size + 1, strict=args.strict)
+        block_size, source = training_context(args.checkpoint, args.block_size, args.quick)
+        print(f"context: {block_size} tokens ({source})")
+        examples = load_examples(args.check, tokenizer, block_size + 1, strict=args.strict)
         n_tokens = sum(len(e.ids) for e in examples)
         print(f"{args.check}: {len(examples)} usable conversations, {n_tokens:,} tokens, "
               f"{sum(sum(e.mask) for e in examples):,} of them trained (mask 1)")

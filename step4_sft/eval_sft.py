@@ -31,8 +31,8 @@ from common.device import pick_device
 from common.metrics import read_metrics, write_metrics
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
-from step1_tokenizer.bpe import load_tokenizer
 from step2_model.inspect_model import attention_entropy
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step4_sft.chat import load_chat_model, reply
 from step4_sft.chat_template import CONTENT_PREFIX, encode_prompt
 from step4_sft.data import SkipReport, read_conversations, write_jsonl
@@ -150,11 +150,11 @@ def main(argv=None):
             raise UserError(f"no model to score in {out_dir} or {base_path}; "
                             f"run {next_command('python step4_sft/train_sft.py')}")
     records = load_eval_records(args.data or step_dir(4) / "sft_eval.jsonl", args.limit)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     write = out_dir == step_dir(4)  # a run in a scratch folder leaves the step's report alone
     results = {}
     for section, source in runs.items():
-        model = load_chat_model(source["checkpoint"], source.get("lora"), device)
+        model = load_chat_model(source["checkpoint"], source.get("lora"), device, tokenizer_fingerprint=fingerprint)
         if model.config.vocab_size != tokenizer.vocab_size:
             raise UserError(f"{source['checkpoint']} has {model.config.vocab_size} token ids but the tokenizer "
                             f"has {tokenizer.vocab_size}: pass the --tokenizer it was trained with")

@@ -32,6 +32,11 @@ checks that keep an adapter off the wrong model.
     save_adapter(model, "out/step4/lora_adapter.pt")
     merge_lora(model)                                                  # plain Transformer again
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step4_sft/lora.py is a module, not a script: "
+                     "step4_sft/train_lora.py and step4_sft/chat.py use it")
+
 import hashlib
 import math
 

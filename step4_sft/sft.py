@@ -12,6 +12,11 @@ Replay: each batch also carries a few rows of step 3's world text, trained on ev
 fifth of the answers' weight, so that fine-tuning does not erase what pretraining taught
 (step4_sft/EXPERIMENTS.md measures what it keeps).
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step4_sft/sft.py is a module, not a script: "
+                     "step4_sft/train_sft.py and step4_sft/train_lora.py use it")
+
 import argparse
 import pathlib
 
@@ -22,12 +27,11 @@ from common.cli import UserError, add_common_args
 from common.device import pick_device
 from common.distributed import init_distributed
 from common.model import IGNORE_INDEX, cross_entropy_loss
-from common.paths import step_dir
+from common.paths import own_data_dir, step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from common.world.corpus import world_training_documents
-from step1_tokenizer.bpe import load_tokenizer
-from step3_pretrain.data import encode_documents, load_tokens
+from step3_pretrain.data import encode_documents, load_tokenizer_with_fingerprint, load_tokens
 from step4_sft.data import collate, load_examples, sft_batch
 
 MAKE_BASE = "python step3_pretrain/train_pretrain.py"
@@ -54,7 +58,8 @@ def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.Ar
     parser.add_argument("--eval_data", default=None,
                         help="held-out conversations for the validation loss (default out/step4/sft_eval.jsonl)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
-    parser.add_argument("--out", default=None, help="output folder (default out/step4)")
+    parser.add_argument("--out", default=None, help="output folder (default out/step4; with --data FILE: "
+                                                    "out/step4/<FILE's name>, so the tutorial's model stays)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line of the data")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
     parser.add_argument("--replay_rows", type=int, default=None,
@@ -83,14 +88,17 @@ def setup(args, profiles: dict) -> dict:
     seed_everything(args.seed)
     settings = resolve_profile(args, device, profiles)
 
-    out_dir = pathlib.Path(args.out or step_dir(4))
-    tokenizer = load_tokenizer(args.tokenizer)
-    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_BASE)
+    default_data = step_dir(4) / "sft_train.jsonl"
+    data_path = pathlib.Path(args.data or default_data)
+    own_data = data_path.resolve() != default_data.resolve()
+    out_dir = pathlib.Path(args.out or (own_data_dir(4, data_path) if own_data else step_dir(4)))
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_BASE,
+                       tokenizer_fingerprint=fingerprint)
     if model.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
     max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
-    data_path = pathlib.Path(args.data or step_dir(4) / "sft_train.jsonl")
     examples = load_examples(data_path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
     eval_path = pathlib.Path(args.eval_data or step_dir(4) / "sft_eval.jsonl")
     val_examples = (load_examples(eval_path, tokenizer, max_tokens, verbose=False)
@@ -108,11 +116,14 @@ def setup(args, profiles: dict) -> dict:
     if replay_rows and len(replay_tokens) <= max_tokens:
         raise UserError(f"the replay text has only {len(replay_tokens)} tokens, fewer than the context "
                         f"({max_tokens}); pass --replay_rows 0 or a longer --replay_data")
+    if dist.is_main and own_data and not args.out:
+        print(f"writing to {out_dir} (a run on other data never replaces {step_dir(4)}'s model; --out DIR to choose)")
     if dist.is_main:
         print(f"{len(examples):,} training conversations from {data_path}, "
               f"{sum(sum(e.mask) for e in examples):,} assistant tokens; each batch: {settings['batch_size']} "
               f"conversations + {replay_rows} rows of pretraining text")
     return dict(device=device, dist=dist, settings=settings, out_dir=out_dir, tokenizer=tokenizer,
+                tokenizer_fingerprint=fingerprint,
                 model=model, examples=examples, val_examples=val_examples,
                 replay_tokens=replay_tokens, replay_rows=replay_rows, replay_weight=args.replay_weight)
 
@@ -157,7 +168,8 @@ def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: 
         loss_fn=lambda m, batch: sft_loss(m, batch, run["replay_weight"]),
         device=run["device"], checkpoint_path=run["out_dir"] / f"{name}_checkpoint.pt",
         eval_fn=(lambda m: assistant_loss(m, val, pad_id)) if val else None,
-        resume=resume, checkpoint_meta={"config": model.config.to_dict()}, dist_info=run["dist"],
+        resume=resume, dist_info=run["dist"],
+        checkpoint_meta={"config": model.config.to_dict(), "tokenizer_fingerprint": run["tokenizer_fingerprint"]},
         desc=name, plot_path=run["out_dir"] / f"{name}_loss.png")
 
 

@@ -15,6 +15,11 @@ Every answer is produced by a fixed rule, so a reply can be scored by exact matc
     train, evaluation = make_datasets(seed=0)
     score("math", "7 + 5 = 12.\\n#### 12", "...\\n#### 12")   # -> True: only the final number counts
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step4_sft/tasks.py is a module, not a script: "
+                     "step4_sft/data.py --create_sample and step4_sft/eval_sft.py use it")
+
 import json
 import random
 import re

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT): teach the pretrained model to answer, on every weight.
 
     python step4_sft/train_sft.py                                  # out/step3/model.pt -> out/step4/sft_model.pt
-    python step4_sft/train_sft.py --data my_chats.jsonl --max_steps 2000
+    python step4_sft/train_sft.py --data my_chats.jsonl --max_steps 2000   # -> out/step4/my_chats/sft_model.pt
     python step4_sft/train_sft.py --quick                          # seconds: a smoke test
 
 Pretraining and SFT use the same model, the same next-token loss and the same
@@ -41,7 +41,7 @@ def main(argv=None):
     if not dist.is_main:
         return result
     model_path = run["out_dir"] / "sft_model.pt"
-    save_checkpoint(checkpoint_dict(model), model_path)
+    save_checkpoint(checkpoint_dict(model, tokenizer_fingerprint=run["tokenizer_fingerprint"]), model_path)
     metrics = {"trainable_params": n_params, "total_params": n_params, "train_seconds": result["train_seconds"],
                "peak_memory_mb": result["peak_memory_mb"], "tokens_per_sec": result["tokens_per_sec"],
                "steps": result["steps"], "final_train_loss": round(result["final_train_loss"], 4),

@@ -232,3 +232,19 @@ def test_quick_runs_say_they_are_smoke_tests_and_what_a_model_that_chats_costs(t
     first_line = (tmp_path / "out" / "quick" / "report.md").read_text().splitlines()[0]
     assert first_line == f"# Quick run: every model here is {QUICK_MODEL_NOTE}"
     assert first_line.startswith("# Quick run: every model here is a seconds-long smoke-test model: it cannot answer")
+
+
+def test_a_module_run_as_a_file_says_it_is_a_module_and_which_script_uses_it():
+    """Never ModuleNotFoundError; bpe.py, a module with a demo, prints help for --help."""
+    modules = sorted(p for p in [*REPO_ROOT.glob("step[1-4]_*/*.py"), *REPO_ROOT.glob("common/world/*.py")]
+                     if p.name not in ("__init__.py", "bpe.py") and "def main(" not in p.read_text(encoding="utf-8"))
+    assert {p.name for p in modules} >= {"lora.py", "chat_template.py", "tasks.py", "corpus.py", "skills.py"}
+    for module in modules:
+        ran = subprocess.run([sys.executable, module.name], cwd=module.parent, capture_output=True, text=True,
+                             timeout=60)
+        name = module.relative_to(REPO_ROOT).as_posix()
+        assert ran.returncode == 1 and re.fullmatch(rf"{name} is a module, not a script: \S+\.py.* uses? it\n",
+                                                    ran.stderr), (name, ran.stderr)
+    bpe = subprocess.run([sys.executable, "bpe.py", "--help"], cwd=REPO_ROOT / "step1_tokenizer", capture_output=True,
+                         text=True, timeout=60)
+    assert bpe.returncode == 0 and bpe.stdout.startswith("usage: bpe.py") and "merges:" not in bpe.stdout

@@ -449,18 +449,20 @@ def test_attention_map_script_uses_a_trained_checkpoint_and_tokenizer(out_dir, t
 
 
 def test_kv_cache_bench_reports_both_speeds_and_same_tokens(out_dir):
+    from common.model import QUICK_CONFIG
     from step2_model import kv_cache_bench
     result = kv_cache_bench.main(["--quick", "--new_tokens", "12"])
     assert result["same_tokens"] is True
     assert result["tokens_per_sec_with_cache"] > 0 and result["tokens_per_sec_without_cache"] > 0
     memory = list(result["kv_cache_memory"].values())
-    assert memory[0] == {"gqa_bytes": 2 * 2 * 2 * 16 * 64 * 4, "mha_bytes": 2 * 2 * 4 * 16 * 64 * 4}
+    T = QUICK_CONFIG.block_size  # layers * (k and v) * kv heads * head dim * tokens * 4 bytes
+    assert memory[0] == {"gqa_bytes": 2 * 2 * 2 * 16 * T * 4, "mha_bytes": 2 * 2 * 4 * 16 * T * 4}
     assert memory[1]["mha_bytes"] == 8 * memory[1]["gqa_bytes"]
     quick_dir = out_dir / "quick" / "step2"  # where a --quick run writes
     metrics = json.loads((quick_dir / "metrics.json").read_text())
     assert metrics["kv_cache"]["same_tokens"] is True and (quick_dir / "kv_cache.png").exists()
     with pytest.raises(UserError, match="does not fit"):
-        kv_cache_bench.main(["--quick", "--new_tokens", "100"])
+        kv_cache_bench.main(["--quick", "--new_tokens", str(T)])  # the 8-token prompt leaves no room for T more
 
 
 def test_causality_check_script_finds_no_leak():

@@ -168,8 +168,25 @@ def test_bad_inputs_say_what_to_run(quick_run, tmp_path):
     corrupt = tmp_path / "model.pt"
     corrupt.write_bytes(quick_run.model.read_bytes()[:1000])
     from step3_pretrain import sample
-    with pytest.raises(UserError, match="not a readable checkpoint"):
+    with pytest.raises(UserError, match="model.pt: not a checkpoint of this tutorial .*; run python "
+                                        "step3_pretrain/train_pretrain.py --quick to make one$"):
         sample.main(["--checkpoint", str(corrupt), "--tokenizer", str(quick_run.tokenizer)])
+
+
+def test_a_pickle_with_code_is_refused_without_passing_on_the_advice_to_unpickle_it(tmp_path):
+    """torch.load(weights_only=True) refuses a pickled object; its message advises weights_only=False, which
+    would run the file's code: the learner sees what the file is not and which command makes a good one."""
+    from pathlib import PurePosixPath
+
+    from common.checkpoint import load_checkpoint
+
+    torch.save({"config": PurePosixPath("a")}, tmp_path / "code.pt")  # a class to import: weights_only refuses it
+    with pytest.raises(UserError) as err:
+        load_checkpoint(tmp_path / "code.pt", hint="python step4_sft/train_sft.py")
+    assert str(err.value) == (f"{tmp_path / 'code.pt'}: not a checkpoint of this tutorial (it does not load as "
+                              "tensors and plain values: cut short, or another program's file); run python "
+                              "step4_sft/train_sft.py to make one")
+    assert "weights_only" not in str(err.value)
 
 
 def test_echo_games_make_a_corpus_of_their_own(quick_run, tmp_path):
@@ -273,7 +290,7 @@ def test_probe_counts_a_completion_right_only_when_it_is_exactly_the_answer(quic
     real = probe_skills.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer)])
     assert 0 <= real["facts"] <= 1 and real["n_sums"] == 270 and "probe" not in read_metrics(3)
     with pytest.raises(UserError, match=r"model.pt: checkpoint not found; run python "
-                                        r"step3_pretrain/train_pretrain.py --quick$"):
+                                        r"step3_pretrain/train_pretrain.py --quick to make one$"):
         probe_skills.main(["--quick", "--tokenizer", str(quick_run.tokenizer)])
 
 
@@ -298,3 +315,47 @@ def test_gpt2_reference_has_nanogpts_parameter_count_is_causal_and_the_compariso
     assert set(result) == {"ours", "nanogpt", "nanogpt_fused_adamw"}
     assert result["nanogpt"]["median_ratio_to_nanogpt"] == 1.0
     assert result["ours"]["median_tokens_per_sec"] > 0
+
+
+def test_other_text_gets_a_folder_of_its_own_and_never_replaces_the_tutorials_model(quick_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import common.paths
+
+    monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path / "out")
+    text = tmp_path / "my_text.txt"
+    text.write_text("\n\n".join(f"Note {i}: the river runs past mill number {i}, and the miller waves." for i in
+                                range(100)))
+    data.main(["--quick", "--input", str(text), "--tokenizer", str(quick_run.tokenizer)])
+    own = tmp_path / "out" / "quick" / "step3" / "my_text"
+    assert (own / "train.bin").exists() and not (tmp_path / "out" / "quick" / "step3" / "train.bin").exists()
+    assert f"next: python step3_pretrain/train_pretrain.py --data {own} --quick" in capsys.readouterr().out
+    train_pretrain.main(["--quick", "--data", str(own), "--tokenizer", str(quick_run.tokenizer), "--block_size", "16",
+                         "--max_steps", "2"])
+    assert (own / "model.pt").exists() and not (tmp_path / "out" / "quick" / "step3" / "model.pt").exists()
+
+
+def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_refused(quick_run, tmp_path):
+    """Every script that loads a model and a tokenizer checks the fingerprint the training script saved."""
+    from common.checkpoint import save_checkpoint
+    from common.world.world import build_world, generate_documents
+    from step1_tokenizer.bpe import train_bpe
+    from step3_pretrain import eval_ppl, probe_skills, sample
+    from step4_sft import chat, train_sft
+
+    ours = Tokenizer.load(quick_run.tokenizer)
+    other = train_bpe(generate_documents(build_world(1, "quick"), n_docs=300), vocab_size=ours.vocab_size)
+    assert other.vocab_size == ours.vocab_size and other.merges != ours.merges
+    other.save(tmp_path / "other.json")
+    saved = load_checkpoint(quick_run.model)
+    assert saved["tokenizer_fingerprint"] == data.tokenizer_fingerprint(quick_run.tokenizer)
+    refused = (rf"^{re.escape(str(quick_run.model))} was trained with another tokenizer \(fingerprint "
+               rf"{saved['tokenizer_fingerprint']}\) than the one given \(fingerprint "
+               rf"{data.tokenizer_fingerprint(tmp_path / 'other.json')}\): pass the --tokenizer it was trained with")
+    for script in (sample, eval_ppl, probe_skills, train_sft, chat):
+        with pytest.raises(UserError, match=refused):
+            script.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(tmp_path / "other.json")])
+    del saved["tokenizer_fingerprint"]  # a checkpoint from before fingerprints: nothing to compare, accepted
+    save_checkpoint(saved, tmp_path / "old.pt")
+    texts = sample.main(["--quick", "--checkpoint", str(tmp_path / "old.pt"), "--tokenizer",
+                         str(tmp_path / "other.json"), "--n", "1", "--max_new_tokens", "3"])
+    assert len(texts) == 1

@@ -509,3 +509,49 @@ def test_chat_says_a_quick_model_is_a_smoke_test_and_what_a_chatting_model_costs
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))  # a model of another size: no note
     chat.main(["--checkpoint", str(files / "base.pt"), "--tokenizer", str(files / "tokenizer.json")])
     assert capsys.readouterr().out.splitlines()[0] == "you> Hi"
+
+
+def test_check_counts_what_training_keeps_and_the_quick_conversations_fit_the_quick_model(tok, files, quick_run,
+                                                                                           capsys):
+    """data.py --check uses the context of the model training starts from; at --quick size no conversation of
+    the quick sample is too long for the quick model (step 3's quick profile has the default's context)."""
+    path = files / "sft_train.jsonl"
+    result = sft_data.main(["--check", str(path), "--tokenizer", str(files / "tokenizer.json"),
+                            "--checkpoint", str(files / "base.pt")])
+    assert f"context: 128 tokens (the block size of {files / 'base.pt'}, as training uses it)" in capsys.readouterr().out
+    assert result["examples"] == len(load_examples(path, tok, 128 + 1, verbose=False))
+    result = sft_data.main(["--quick", "--check", str(path), "--tokenizer", str(quick_run.tokenizer),
+                            "--checkpoint", str(quick_run.model)])
+    printed = capsys.readouterr().out
+    assert result["examples"] == 600 and "skipped" not in printed and "longer than" not in printed
+
+
+def test_a_run_on_other_data_writes_to_its_own_folder(files, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import common.paths
+
+    monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path / "out")
+    mine = shutil.copy(files / "sft_train.jsonl", tmp_path / "my_chats.jsonl")
+    args = script_args(files, "unused")
+    train_sft.main(args[:args.index("--out")] + args[args.index("--out") + 2:] + ["--data", str(mine),
+                                                                                  "--max_steps", "2"])
+    step4 = tmp_path / "out" / "quick" / "step4"
+    assert (step4 / "my_chats" / "sft_model.pt").exists() and not (step4 / "sft_model.pt").exists()
+    assert f"writing to {step4 / 'my_chats'} (a run on other data never replaces {step4}'s model" \
+           in capsys.readouterr().out
+
+
+def test_a_missing_model_names_the_command_that_makes_that_file(tok, tmp_path, monkeypatch):
+    import common.paths
+    from step4_sft import chat
+
+    monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path / "out")
+    quick = tmp_path / "out" / "quick"
+    tok.save(quick / "tokenizer.json")  # step 1 has run, steps 3 and 4 not
+    with pytest.raises(UserError, match=rf"^{quick / 'step4' / 'sft_model.pt'}: checkpoint not found; run python "
+                                        r"step4_sft/train_sft.py --quick to make one$"):
+        chat.main(["--quick"])
+    with pytest.raises(UserError, match=rf"^{quick / 'step3' / 'model.pt'}: checkpoint not found; run python "
+                                        r"step3_pretrain/train_pretrain.py --quick to make one$"):
+        chat.main(["--quick", "--lora", str(tmp_path / "adapter.pt")])  # LoRA goes on step 3's model

@@ -10,6 +10,11 @@ exactly the text the model is pretrained on.
     >>> train, heldout = default_documents(quick=True)
     >>> docs = read_documents("my_notes.txt")
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("common/world/corpus.py is a module, not a script: "
+                     "step1_tokenizer/train_tokenizer.py and step3_pretrain/data.py use it")
+
 import json
 import re
 from pathlib import Path

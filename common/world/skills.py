@@ -15,6 +15,11 @@ so a document can only be predicted by looking back at what it said before.
 
     docs = skill_documents(build_world(0), target_bytes=1_000_000, seed=0)
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("common/world/skills.py is a module, not a script: "
+                     "common/world/world.py and step3_pretrain/data.py use it")
+
 import random
 
 from common.world.world import FOODS, SPECIES, World
