@@ -7,7 +7,7 @@
 Step 4's model was never shown passages, and steps 3 and 4 found that a small model does not copy
 from its context on its own. So it is shown thousands of questions whose answer is ONLY in the
 passages: each comes from a re-drawn world (book.open_book_records), where every name has new facts,
-so nothing can be memorised and the model must read. These are blended by weight (blend.py, the idea
+so nothing can be memorised and the model must read. These are blended by weight (step4_sft/blend.py, the idea
 of Megatron's open_inst.sh) with step 4's own conversations, so it keeps its other skills. The
 training itself is step 4's: the same template, answer-only loss, replay and loop (step4_sft/sft.py).
 """
@@ -23,9 +23,9 @@ from common.cli import UserError, next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
 from step1_tokenizer.bpe import load_tokenizer
+from step4_sft.blend import blend, parse_blend, read_records
 from step4_sft.data import write_jsonl
 from step4_sft.sft import add_sft_args, file_mb, run_sft, setup
-from step5_retro.blend import blend, parse_blend, read_records
 from step5_retro.book import CHUNK_SIZE, READER_K, extended_world, open_book_records
 
 # Any flag given on the command line wins over its profile. batch_size counts conversations.

@@ -16,9 +16,9 @@ from common.cli import UserError
 from common.world.corpus import generated_documents
 from common.world.world import Fact, add_newcomers, build_world, generate_documents
 from step1_tokenizer.bpe import Tokenizer, train_bpe
+from step4_sft.blend import blend, parse_blend
 from step4_sft.tasks import make_datasets
 from step5_retro import ask, build_db, edit_db, eval_retrieval, sft_open_book
-from step5_retro.blend import blend, parse_blend
 from step5_retro.book import (book_documents, edit_book, extended_world, holds_fact, open_book_messages,
                               open_book_records)
 from step5_retro.database import build_database, load_database, tokenizer_sha
