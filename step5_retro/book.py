@@ -16,9 +16,11 @@ same name has other facts in every world, so no answer can be memorised: the onl
 to read the passages.
 """
 import random
+import re
 
 from common.cli import UserError
-from common.world.world import NEWCOMERS, add_newcomers, apply_overrides, ask, build_world, documents_about, phrasings
+from common.world.world import (NEWCOMERS, QUESTIONS, add_newcomers, apply_overrides, ask, build_world,
+                                documents_about, phrasings)
 
 # Chunk size and passages per question, by profile: a --quick model reads only 64 tokens, so its
 # passages are short and single.
@@ -130,3 +132,13 @@ def edit_book(db, edits: list[dict]) -> dict:
     changes = {i: text for i, text in enumerate(documents) if text != db.documents[i]}
     info["overrides"] = [[e, r, v] for (e, r), v in overrides.items()]
     return {"documents_rewritten": sorted(titles[i] for i in changes), **db.edit_documents(changes)}
+
+
+def answer_value(reply: str, relation: str) -> str:
+    """The short answer in a reply written in step 4's words: "Halra lives in Evergate." -> "Evergate".
+    The value is what the question asks for (SQuAD scores such a span, not the sentence around it);
+    a reply that is not in the answer's wording is returned whole (and will not match)."""
+    template = re.escape(QUESTIONS[relation][1]).replace(r"\{e\}", "(?:.+?)")
+    template = template.replace(r"\{a_v\}", r"(?:an?\ )?(?P<v>.+?)").replace(r"\{v\}", "(?P<v>.+?)")
+    match = re.fullmatch(template.removesuffix(r"\.") + r"\.?", reply.strip())
+    return match.group("v") if match else reply

@@ -12,6 +12,11 @@ rewritten in a copy of the database (book.edit_book; the database on disk is lef
 everything is asked again: edited facts should get the new value, unrelated facts should not move.
 Recall@k: the share of questions for which one of the k passages states the asked fact; measured
 for both embedders (the other one's database is built in memory from the same documents).
+
+Scores, as SQuAD's: exact match and token F1 of the short answer, the value the question asks for
+("Evergate" in "Halra lives in Evergate."; book.answer_value takes it out of the reply's wording),
+after SQuAD's normalisation. qa_sentence_em_* is stricter: the whole reply equals the whole answer
+sentence (step 4's scoring), so a misspelt name in front of the right value counts as wrong.
 """
 import argparse
 import json
@@ -35,7 +40,7 @@ from common.world.world import ask, build_world
 from step1_tokenizer.bpe import load_tokenizer
 from step4_sft.chat import load_chat_model
 from step4_sft.data import write_jsonl
-from step5_retro.book import READER_K, answer, edit_book, extended_world, holds_fact
+from step5_retro.book import READER_K, answer, answer_value, edit_book, extended_world, holds_fact
 from step5_retro.database import build_database, load_database
 from step5_retro.scoring import exact_match, token_f1
 
@@ -84,8 +89,10 @@ def read_all(model, tokenizer, db, items, k: int, with_passages: bool, desc: str
     for it, ps in zip(tqdm(items, desc=desc, leave=False), passages):
         budget = len(tokenizer.encode_ordinary(" " + it["answer"])) + EXTRA_TOKENS
         reply = answer(model, tokenizer, it["question"], ps, max_new_tokens=budget)
+        fact, predicted = it["fact"], answer_value(reply, it["fact"].relation)
         out.append({"question": it["question"], "expected": it["answer"], "reply": reply, "passages": ps,
-                    "em": exact_match(reply, it["answer"]), "f1": token_f1(reply, it["answer"])})
+                    "value": fact.value, "predicted_value": predicted, "em": exact_match(predicted, fact.value),
+                    "f1": token_f1(predicted, fact.value), "sentence_em": exact_match(reply, it["answer"])})
     return out
 
 
@@ -135,6 +142,8 @@ def main(argv=None):
                              "skipped if absent)")
     parser.add_argument("--k", type=int, default=None, help="passages per question (default 2, quick 1)")
     parser.add_argument("--out", default=None, help="folder for metrics, replies and the chart (default out/step5)")
+    parser.add_argument("--recall_only", action="store_true",
+                        help="measure retrieval recall for both embedders and stop (no model answers anything)")
     add_common_args(parser)
     args = parser.parse_args(argv)
     args.k = args.k or READER_K["quick" if args.quick else "default"]
@@ -164,6 +173,8 @@ def main(argv=None):
     metrics["retrieval_recall"] = recall[db.meta["embedder"]]
     metrics["retrieval_recall_by_embedder"] = recall
     print("recall@%d: " % args.k + ", ".join(f"{name} {value:.3f}" for name, value in recall.items()))
+    if args.recall_only:
+        return metrics
 
     device = pick_device(args.device)
     chat_path = pathlib.Path(args.chat_model or step_dir(4) / "sft_model.pt")
@@ -180,8 +191,10 @@ def main(argv=None):
         replies[reader] = rows
         new_rows, old_rows = rows[:len(new_items)], rows[len(new_items):]
         metrics.update({f"qa_em_{reader}": mean(new_rows, "em"), f"qa_f1_{reader}": mean(new_rows, "f1"),
+                        f"qa_sentence_em_{reader}": mean(new_rows, "sentence_em"),
                         f"qa_em_{reader}_ordinary": mean(old_rows, "em"),
-                        f"qa_f1_{reader}_ordinary": mean(old_rows, "f1")})
+                        f"qa_f1_{reader}_ordinary": mean(old_rows, "f1"),
+                        f"qa_sentence_em_{reader}_ordinary": mean(old_rows, "sentence_em")})
         print(f"{reader:>14}: database-only EM {100 * metrics[f'qa_em_{reader}']:.1f} % "
               f"(F1 {100 * metrics[f'qa_f1_{reader}']:.1f}), ordinary EM {100 * metrics[f'qa_em_{reader}_ordinary']:.1f} %")
 

@@ -5,9 +5,9 @@
     token_f1("Halra lives in Caldford.", "Halra lives in Evergate.")     # -> 0.75
 
 Normalisation (SQuAD v1.1's evaluation script): lower case, drop punctuation, drop the articles
-a/an/the, collapse spaces. F1 counts the tokens both answers share, so it gives part credit; our
-answers repeat the question's words ("Halra lives in ..."), so F1 stays high even for a wrong value,
-and exact match is the figure to read.
+a/an/the, collapse spaces. F1 counts the tokens both answers share, so it gives part credit (to
+"great oak" for "oak"). Step 5 scores the short answer, the value a question asks for, as SQuAD
+scores an answer span (eval_retrieval.py).
 """
 import re
 import string
