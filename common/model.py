@@ -162,7 +162,7 @@ def apply_rope(x, cos, sin):
     Pair (x1, x2) = (x[i], x[i + head_dim/2]) becomes (x1 cos - x2 sin, x2 cos + x1 sin).
     Written as x * cos + (x with its halves swapped) * sin: three operations instead of
     eight, which on a CPU, where small models spend their time starting operations,
-    is measurably faster (step 3 README). After rotating q at position m and k at
+    is faster (step3_pretrain/EXPERIMENTS.md, "Where the time goes"). After rotating q at position m and k at
     position n, q.k depends on m - n only: attention sees relative positions."""
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin).type_as(x)
 
