@@ -16,7 +16,9 @@ the run. A conversation longer than the context keeps the turns that fit, cut af
 assistant turn that fits; if not even the first answer fits, it is skipped.
 """
 import argparse
+import functools
 import json
+import math
 import pathlib
 import sys
 from collections import Counter
@@ -160,21 +162,49 @@ def collate(examples: list[Example], pad_id: int) -> dict:
 
 
 def sft_batch(examples: list[Example], batch_size: int, pad_id: int, seed: int, step: int, micro: int,
-              replay_tokens=None, replay_rows: int = 0) -> dict:
-    """Micro-batch `micro` of step `step`: random examples, a pure function of the arguments
-    (like step 3's random_windows), so a resumed run sees exactly the same batches.
+              replay_tokens=None, replay_rows: int = 0, micros_per_step: int | None = None) -> dict:
+    """Micro-batch `micro` of step `step`: a pure function of the arguments (like step 3's
+    random_windows), so a resumed run sees exactly the same batches.
+
+    By default each example is drawn at random (with replacement). With micros_per_step (the
+    micro-batches of one optimizer step, over all processes) the examples come in epochs instead:
+    each epoch is one pass over all of them in a shuffled order (epoch_indices).
 
     replay_rows > 0 appends that many windows of pretraining text (replay_tokens, a 1-D array of
     token ids), as long as the padded conversations and trained on every token. "replay"
     marks those rows, so the loss can weigh them apart (sft.sft_loss)."""
-    rng = np.random.default_rng([seed, step, micro])
-    batch = collate([examples[i] for i in rng.integers(0, len(examples), size=batch_size)], pad_id)
+    if micros_per_step is None:
+        indices = np.random.default_rng([seed, step, micro]).integers(0, len(examples), size=batch_size)
+    else:
+        indices = epoch_indices(len(examples), batch_size, seed, step, micro, micros_per_step)
+    batch = collate([examples[i] for i in indices], pad_id)
     replay = torch.zeros(batch_size + replay_rows, dtype=torch.bool)
     if replay_rows:
         windows = random_windows(replay_tokens, batch["idx"].size(1), replay_rows, seed + 1, step, micro)
         batch = {key: torch.cat([batch[key], windows[key]]) for key in batch}
         replay[batch_size:] = True
     return {**batch, "replay": replay}
+
+
+def epoch_indices(n: int, batch_size: int, seed: int, step: int, micro: int, micros_per_step: int) -> list[int]:
+    """Which of n examples micro-batch `micro` of step `step` holds, when training goes in epochs.
+
+    Lay every batch end to end: position p = (step * micros_per_step + micro) * batch_size + j.
+    Position p belongs to epoch p // n and is example order[p % n] of that epoch's order, a
+    permutation drawn from (seed, epoch). So each epoch shows every example exactly once, and a
+    batch that crosses into the next epoch is filled from that epoch's order."""
+    first = (step * micros_per_step + micro) * batch_size
+    return [int(_epoch_order(n, seed, p // n)[p % n]) for p in range(first, first + batch_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, n]).permutation(n)
+
+
+def steps_for_epochs(n: int, epochs: float, batch_size: int, micros_per_step: int) -> int:
+    """Optimizer steps that show `epochs` passes over n examples (the last step is filled up from the next)."""
+    return max(1, math.ceil(epochs * n / (batch_size * micros_per_step)))
 
 
 # ----------------------------------------------------------------------------- looking at the mask

@@ -32,7 +32,7 @@ from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from common.world.corpus import world_training_documents
 from step3_pretrain.data import encode_documents, load_tokenizer_with_fingerprint, load_tokens
-from step4_sft.data import collate, load_examples, sft_batch
+from step4_sft.data import collate, load_examples, sft_batch, steps_for_epochs
 
 MAKE_BASE = "python step3_pretrain/train_pretrain.py"
 REPLAY_WEIGHT = 0.2  # the replayed text's loss counts a fifth as much as the answers' (see sft_loss)
@@ -61,7 +61,11 @@ def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.Ar
     parser.add_argument("--out", default=None, help="output folder (default out/step4; with --data FILE: "
                                                     "out/step4/<FILE's name>, so the tutorial's model stays)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line of the data")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run exactly")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run exactly (give the same flags as the run had)")
+    parser.add_argument("--epochs", type=float, default=None, metavar="N",
+                        help="train for N passes over the training conversations, each in a new shuffled "
+                             "order, instead of --max_steps steps of conversations drawn at random")
     parser.add_argument("--replay_rows", type=int, default=None,
                         help="rows of pretraining text added to each batch of conversations, so fine-tuning "
                              "does not erase what pretraining taught; 0 turns replay off (default: a third "
@@ -81,6 +85,11 @@ def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.Ar
 
 def setup(args, profiles: dict) -> dict:
     """Device, settings, tokenizer, the pretrained model and the tokenized data."""
+    if args.epochs is not None and args.max_steps is not None:
+        raise UserError("--epochs and --max_steps cannot be given together: --epochs N sets the steps "
+                        "(N passes over the training conversations); give one of them")
+    if args.epochs is not None and args.epochs <= 0:
+        raise UserError(f"--epochs must be more than 0, not {args.epochs:g}")
     device = pick_device(args.device)
     dist = init_distributed(device)
     if device.type == "cuda" and dist.world_size > 1:
@@ -100,6 +109,9 @@ def setup(args, profiles: dict) -> dict:
                         f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
     max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
     examples = load_examples(data_path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
+    micros_per_step = settings["grad_accum"] * dist.world_size
+    if args.epochs is not None:
+        settings["max_steps"] = steps_for_epochs(len(examples), args.epochs, settings["batch_size"], micros_per_step)
     eval_path = pathlib.Path(args.eval_data or step_dir(4) / "sft_eval.jsonl")
     val_examples = (load_examples(eval_path, tokenizer, max_tokens, verbose=False)
                     if args.eval_data or eval_path.exists() else [])
@@ -122,9 +134,14 @@ def setup(args, profiles: dict) -> dict:
         print(f"{len(examples):,} training conversations from {data_path}, "
               f"{sum(sum(e.mask) for e in examples):,} assistant tokens; each batch: {settings['batch_size']} "
               f"conversations + {replay_rows} rows of pretraining text")
+        epochs = settings["max_steps"] * settings["batch_size"] * micros_per_step / len(examples)
+        print(f"{settings['max_steps']:,} steps = {epochs:.2f} epochs "
+              + ("(each conversation once per epoch, in a shuffled order)" if args.epochs is not None
+                 else "of conversations drawn at random (--epochs N: passes in a shuffled order instead)"))
     return dict(device=device, dist=dist, settings=settings, out_dir=out_dir, tokenizer=tokenizer,
                 tokenizer_fingerprint=fingerprint,
                 model=model, examples=examples, val_examples=val_examples,
+                micros_per_step=micros_per_step if args.epochs is not None else None,
                 replay_tokens=replay_tokens, replay_rows=replay_rows, replay_weight=args.replay_weight)
 
 
@@ -164,7 +181,7 @@ def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: 
     return train(
         model, cfg,
         lambda step, micro: sft_batch(examples, cfg.batch_size, pad_id, seed, step, micro,
-                                      run["replay_tokens"], run["replay_rows"]),
+                                      run["replay_tokens"], run["replay_rows"], run.get("micros_per_step")),
         loss_fn=lambda m, batch: sft_loss(m, batch, run["replay_weight"]),
         device=run["device"], checkpoint_path=run["out_dir"] / f"{name}_checkpoint.pt",
         eval_fn=(lambda m: assistant_loss(m, val, pad_id)) if val else None,

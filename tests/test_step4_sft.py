@@ -555,3 +555,35 @@ def test_a_missing_model_names_the_command_that_makes_that_file(tok, tmp_path, m
     with pytest.raises(UserError, match=rf"^{quick / 'step3' / 'model.pt'}: checkpoint not found; run python "
                                         r"step3_pretrain/train_pretrain.py --quick to make one$"):
         chat.main(["--quick", "--lora", str(tmp_path / "adapter.pt")])  # LoRA goes on step 3's model
+
+
+# ----------------------------------------------------------------------------- epochs
+
+@pytest.mark.verifies(4, "--epochs N shows every training conversation exactly once per epoch, in a new order each "
+                         "epoch")
+def test_epochs_show_every_conversation_once_per_epoch():
+    n, batch_size, micros_per_step = 10, 3, 2  # e.g. 2 processes, or --grad_accum 2
+    steps = sft_data.steps_for_epochs(n, 2, batch_size, micros_per_step)
+    assert steps == 4  # 2 epochs x 10 conversations = 20 positions, 6 a step: the 4th step is filled up
+    seen = [i for step in range(steps) for micro in range(micros_per_step)
+            for i in sft_data.epoch_indices(n, batch_size, 0, step, micro, micros_per_step)]
+    first, second = seen[:10], seen[10:20]
+    assert sorted(first) == sorted(second) == list(range(n)) and first != second
+    assert len(set(seen[20:])) == 4  # the filled-up part starts the third epoch's order: no repeats
+    assert sft_data.epoch_indices(n, batch_size, 0, 1, 1, micros_per_step) == seen[9:12]  # a pure function
+    assert sft_data.steps_for_epochs(600, 1, 8, 1) == 75 and sft_data.steps_for_epochs(600, 0.5, 8, 1) == 38
+
+
+def test_epochs_set_the_number_of_steps_and_exclude_max_steps(tok, files, tmp_path, capsys):
+    n = len(load_examples(files / "sft_train.jsonl", tok, 129, verbose=False))  # those that fit the context
+    result = train_sft.main(script_args(files, tmp_path) + ["--epochs", "0.2", "--batch_size", "4"])
+    steps = math.ceil(0.2 * n / 4)
+    assert result["steps"] == steps
+    assert (f"{steps} steps = {steps * 4 / n:.2f} epochs (each conversation once per epoch, in a shuffled order)"
+            in capsys.readouterr().out)
+    with pytest.raises(UserError, match="--epochs and --max_steps cannot be given together"):
+        train_lora.main(script_args(files, tmp_path) + ["--epochs", "1", "--max_steps", "5"])
+    examples = load_examples(files / "sft_train.jsonl", tok, 129, verbose=False)
+    batch = sft_batch(examples, 4, tok.eot_id, seed=0, step=2, micro=0, micros_per_step=1)
+    expected = collate([examples[i] for i in sft_data.epoch_indices(n, 4, 0, 2, 0, 1)], tok.eot_id)
+    assert torch.equal(batch["idx"], expected["idx"]) and torch.equal(batch["targets"], expected["targets"])
