@@ -178,16 +178,21 @@ def token_rows(model: nn.Module) -> dict[str, TokenRows]:
 # What to wrap, checked
 
 
+# PEFT's names (Llama's, in Hugging Face) for the same seven layers, so a lesson written for PEFT runs as written.
+PEFT_NAMES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo",
+              "gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}
+
+
 def parse_targets(text: str) -> tuple[str, ...]:
-    """"wq,wv" -> ("wq", "wv"); "all-linear" -> every linear layer of a block."""
-    if text.strip() == "all-linear":
+    """"wq,wv" or PEFT's "q_proj,v_proj" -> ("wq", "wv"); "all-linear" -> every linear layer of a block."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all-linear"]:
         return ALL_LINEAR
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [n for n in names if n not in ALL_LINEAR]
+    unknown = [n for n in names if n not in ALL_LINEAR and n not in PEFT_NAMES]
     if unknown or not names:
-        raise UserError(f"--target_modules {text!r}: unknown layer names {unknown}; "
-                        f"use a comma-separated subset of {','.join(ALL_LINEAR)} or all-linear")
-    return names
+        raise UserError(f"--target_modules {text!r}: unknown layer names {unknown}; use a comma-separated subset "
+                        f"of {','.join(ALL_LINEAR)} (or PEFT's {','.join(PEFT_NAMES)}), or all-linear")
+    return tuple(dict.fromkeys(PEFT_NAMES.get(n, n) for n in names))  # our names, each once, in the given order
 
 
 def _target_layers(model: nn.Module, targets) -> list[tuple[nn.Module, str, str]]:

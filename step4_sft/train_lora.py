@@ -2,6 +2,7 @@
 
     python step4_sft/train_lora.py --lora_r 8                       # q and v projections (the LoRA paper's choice)
     python step4_sft/train_lora.py --lora_r 16 --target_modules all-linear
+    python step4_sft/train_lora.py --lora_r 8 --target_modules q_proj,v_proj     # PEFT's names work too
     python step4_sft/train_lora.py --quick
 
 The pretrained weights stay frozen; every targeted nn.Linear gets a LoRA update
@@ -42,7 +43,8 @@ def main(argv=None):
     parser.add_argument("--lora_dropout", type=float, default=0.0,
                         help="dropout on the LoRA branch's input while training (default 0)")
     parser.add_argument("--target_modules", default="wq,wv",
-                        help="layers to adapt: comma-separated names among wq,wk,wv,wo,w_gate,w_up,w_down, "
+                        help="layers to adapt: comma-separated names among wq,wk,wv,wo,w_gate,w_up,w_down "
+                             "(or PEFT's q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), "
                              "or all-linear (default wq,wv)")
     parser.add_argument("--no_token_rows", action="store_true",
                         help="do not train the embedding rows of <|im_start|> and <|im_end|> (pure LoRA; "

@@ -587,3 +587,23 @@ def test_epochs_set_the_number_of_steps_and_exclude_max_steps(tok, files, tmp_pa
     batch = sft_batch(examples, 4, tok.eot_id, seed=0, step=2, micro=0, micros_per_step=1)
     expected = collate([examples[i] for i in sft_data.epoch_indices(n, 4, 0, 2, 0, 1)], tok.eot_id)
     assert torch.equal(batch["idx"], expected["idx"]) and torch.equal(batch["targets"], expected["targets"])
+
+
+# ----------------------------------------------------------------------------- PEFT's layer names
+
+def test_target_modules_take_peft_names_and_wrap_the_same_layers(byte_tok):
+    from step4_sft.lora import parse_targets
+
+    def wrapped(text):
+        return apply_lora(Transformer(tiny_config(byte_tok.vocab_size)), parse_targets(text), r=2)
+
+    assert wrapped("q_proj,v_proj") == wrapped("wq,wv") == [f"blocks.{i}.attn.{m}" for i in range(2)
+                                                            for m in ("wq", "wv")]
+    assert wrapped("gate_proj, up_proj,down_proj") == [f"blocks.{i}.ffn.{m}" for i in range(2)
+                                                       for m in ("w_gate", "w_up", "w_down")]
+    assert parse_targets("k_proj,o_proj,wk") == ("wk", "wo")  # mixed and repeated: each layer once
+    assert len(wrapped("all-linear")) == 2 * 7
+    with pytest.raises(UserError, match=r"unknown layer names \['c_attn'\]; use a comma-separated subset of "
+                                        r"wq,wk,wv,wo,w_gate,w_up,w_down \(or PEFT's q_proj,k_proj,v_proj,o_proj,"
+                                        r"gate_proj,up_proj,down_proj\), or all-linear"):
+        parse_targets("q_proj,c_attn")
