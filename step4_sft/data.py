@@ -3,17 +3,22 @@
     python step4_sft/data.py --create_sample         # out/step4/sft_train.jsonl and sft_eval.jsonl
     python step4_sft/data.py --show_mask             # which tokens of a conversation carry loss
     python step4_sft/data.py --check my_data.jsonl   # load any file and report what would be skipped
+    python step4_sft/data.py --convert chats.jsonl ours.jsonl   # any format below -> ours
 
-The format is one conversation per line (minimind's, ShareGPT-style tools', the OpenAI messages API's):
+The format is one conversation per line; ours is minimind's:
 
     {"conversations": [{"role": "system", "content": "..."},      <- optional, first only
                        {"role": "user", "content": "..."},
                        {"role": "assistant", "content": "..."}, ...], "task": "math"}   <- "task" optional
 
-Bad lines (not JSON, no assistant turn, an unknown role, empty content, too long for the
-context) are skipped and counted, naming the file and line; with --strict the first one stops
-the run. A conversation longer than the context keeps the turns that fit, cut after the last
-assistant turn that fits; if not even the first answer fits, it is skipped.
+Each line may also be in OpenAI's format {"messages": [{"role", "content"}, ...]}, ShareGPT's
+{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]} or Alpaca's
+{"instruction", "input", "output"}; to_ours turns each into ours as it is read.
+
+Bad lines (not JSON, in none of these formats, no assistant turn, an unknown role, empty content,
+too long for the context) are skipped and counted, naming the file and line; with --strict the
+first one stops the run. A conversation longer than the context keeps the turns that fit, cut
+after the last assistant turn that fits; if not even the first answer fits, it is skipped.
 """
 import argparse
 import functools
@@ -50,7 +55,7 @@ SHOW_MASK_EXAMPLE = [
 ]
 
 
-SKIP_KINDS = ("not valid JSON", "expected an object", "unknown role", "empty content", "no assistant turn",
+SKIP_KINDS = ("not valid JSON", "no known conversation format", "unknown role", "empty content", "no assistant turn",
               "longer than the context")  # how skipped lines are grouped in the summary
 
 
@@ -69,15 +74,67 @@ def write_jsonl(records: list[dict], path) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def record_problem(line: str) -> tuple[dict | None, str | None]:
-    """Parse one JSONL line into a record, or say what is wrong with it."""
+FORMATS = ('{"conversations": [{"role", "content"}, ...]} (ours, minimind\'s), {"messages": [{"role", "content"}, '
+           '...]} (OpenAI\'s), {"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]} (ShareGPT\'s) '
+           'or {"instruction", "input", "output"} (Alpaca\'s)')
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def to_ours(record) -> tuple[dict | None, str | None, str | None]:
+    """(the record in our format, the name of the format it was in, None), or (None, None, what is wrong).
+
+    Our format keeps every other key of the record ("task", "kind", ...); the messages are
+    checked later, by chat_template.conversation_problem."""
+    if not isinstance(record, dict):
+        return None, None, f"no known conversation format: expected one of {FORMATS}"
+    rest = {k: v for k, v in record.items() if k not in ("conversations", "messages", "instruction", "input",
+                                                         "output")}
+    turns = record.get("conversations")
+    if isinstance(turns, list) and any(isinstance(m, dict) and "from" in m and "role" not in m for m in turns):
+        messages = []
+        for i, m in enumerate(turns):
+            role = SHAREGPT_ROLES.get(m.get("from")) if isinstance(m, dict) else None
+            if role is None:
+                return None, None, (f"message {i} has unknown role {m.get('from') if isinstance(m, dict) else m!r} "
+                                    f'(ShareGPT\'s "from" must be human, gpt or system)')
+            messages.append({"role": role, "content": m.get("value")})
+        return {**rest, "conversations": messages}, "sharegpt", None
+    if turns is not None:
+        return {**rest, "conversations": turns}, "ours", None
+    if "messages" in record:
+        return {**rest, "conversations": [_openai_message(m) for m in record["messages"]]
+                if isinstance(record["messages"], list) else record["messages"]}, "openai", None
+    if isinstance(record.get("instruction"), str) and "output" in record:
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        rest.pop("system", None)
+        return {**rest, "conversations": system + [{"role": "user", "content": prompt},
+                                                   {"role": "assistant", "content": record["output"]}]}, "alpaca", None
+    return None, None, f"no known conversation format (keys {sorted(record)}): expected one of {FORMATS}"
+
+
+def _openai_message(message):
+    """OpenAI's message as ours: "developer" is its newer name for "system", and a content may be a list
+    of parts, of which the text parts are kept."""
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict)
+                          and part.get("type") == "text")
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {"role": role, "content": content}
+
+
+def record_problem(line: str) -> tuple[dict | None, str | None, str | None]:
+    """Parse one JSONL line into a record in our format and the name of the format it came in,
+    or say what is wrong with it: (record, format, None) or (None or record, format, problem)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        return None, f"not valid JSON ({err.msg})"
-    if not isinstance(record, dict) or "conversations" not in record:
-        return None, 'expected an object like {"conversations": [...]}'
-    return record, conversation_problem(record["conversations"])
+        return None, None, f"not valid JSON ({err.msg})"
+    record, form, problem = to_ours(record)
+    return record, form, problem or conversation_problem(record["conversations"])
 
 
 class SkipReport:
@@ -101,17 +158,20 @@ class SkipReport:
         return f"{self.path}: skipped {sum(self.counts.values())} of {total} conversations: {kinds}"
 
 
-def read_conversations(path, report: SkipReport):
-    """Yield (line number, record) for every usable line of a conversation file, in order;
-    bad lines go to `report` (which raises at once when strict)."""
+def read_conversations(path, report: SkipReport, formats: Counter | None = None):
+    """Yield (line number, record in our format) for every usable line of a conversation file, in
+    order, whatever format each line is in (FORMATS); bad lines go to `report` (which raises at once
+    when strict). formats, if given, counts the usable lines by the format they came in."""
     path = pathlib.Path(path)
     if not path.exists():
         raise UserError(f"{path}: conversation file not found; run {next_command(MAKE_SAMPLE)} or pass --data FILE")
     with open(path, encoding="utf-8", errors="replace") as f:  # bad bytes become U+FFFD, never a crash
         for number, line in enumerate(f, start=1):
             if line.strip():
-                record, problem = record_problem(line)
+                record, form, problem = record_problem(line)
                 if problem is None:
+                    if formats is not None:
+                        formats[form] += 1
                     yield number, record
                 else:
                     report.add(number, problem)
@@ -143,7 +203,7 @@ def load_examples(path, tokenizer, max_tokens: int, strict: bool = False, verbos
               f"kept their turns up to the last whole answer that fits")
     if not examples:
         raise UserError(f"{path}: no usable conversation in the file{' (see above)' if summary else ''}; "
-                        f'each line must be {{"conversations": [..., {{"role": "assistant", ...}}]}}')
+                        f"each line must be a conversation with an assistant turn, one of {FORMATS}")
     return examples
 
 
@@ -245,6 +305,21 @@ def training_context(checkpoint, block_size: int | None, quick: bool) -> tuple[i
     return PROFILES[profile]["block_size"], f"step 3's {profile} profile: there is no model at {path} yet"
 
 
+def convert(source, target, strict: bool = False) -> dict:
+    """Write every usable conversation of `source`, whatever its format, to `target` in ours
+    (the idea of Megatron-LM's dataset_conv.py). Returns {"converted": n, "formats": {name: n}}."""
+    report, formats = SkipReport(source, strict), Counter()
+    records = [record for _, record in read_conversations(source, report, formats)]
+    summary = report.summary(len(records) + sum(report.counts.values()))
+    if summary:
+        print(summary)
+    if not records:
+        raise UserError(f"{source}: no usable conversation to convert; each line must be one of {FORMATS}")
+    write_jsonl(records, target)
+    print(f"wrote {target}: {len(records)} conversations in our format "
+          f"(read as {', '.join(f'{n} {name}' for name, n in formats.items())})")
+    return {"converted": len(records), "formats": dict(formats)}
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,7 +328,9 @@ def main(argv=None):
     parser.add_argument("--show_mask", action="store_true", help="print the loss-mask table of a sample conversation")
     parser.add_argument("--check", default=None, metavar="FILE",
                         help="load a conversation file as training would, and report what it skips")
-    parser.add_argument("--strict", action="store_true", help="with --check: stop at the first bad line")
+    parser.add_argument("--convert", nargs=2, default=None, metavar=("IN", "OUT"),
+                        help="write the conversations of IN (any format the loader reads) to OUT in ours")
+    parser.add_argument("--strict", action="store_true", help="with --check or --convert: stop at the first bad line")
     parser.add_argument("--checkpoint", default=None,
                         help="with --check: the pretrained model training starts from (default out/step3/model.pt); "
                              "its context length is the limit, as in training")
@@ -263,8 +340,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="folder for sft_train.jsonl / sft_eval.jsonl (default out/step4)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not (args.create_sample or args.show_mask or args.check):
-        parser.error("choose --create_sample, --show_mask or --check FILE")
+    if not (args.create_sample or args.show_mask or args.check or args.convert):
+        parser.error("choose --create_sample, --show_mask, --check FILE or --convert IN OUT")
     result = {}
     if args.create_sample:
         out_dir = pathlib.Path(args.out or step_dir(4))
@@ -276,6 +353,8 @@ def main(argv=None):
             print(f"wrote {out_dir / name}: {len(records)} conversations "
                   f"({', '.join(f'{n} {task}' for task, n in counts.items())})")
         result.update(train=len(train), eval=len(evaluation))
+    if args.convert:
+        result.update(convert(*args.convert, strict=args.strict))
     if args.show_mask or args.check:
         tokenizer = load_tokenizer(args.tokenizer)
     if args.show_mask:

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -607,3 +608,53 @@ def test_target_modules_take_peft_names_and_wrap_the_same_layers(byte_tok):
                                         r"wq,wk,wv,wo,w_gate,w_up,w_down \(or PEFT's q_proj,k_proj,v_proj,o_proj,"
                                         r"gate_proj,up_proj,down_proj\), or all-linear"):
         parse_targets("q_proj,c_attn")
+
+
+# ----------------------------------------------------------------------------- conversation formats
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, I am Anna."},
+        {"role": "assistant", "content": "Hello, Anna!"}]
+SAME_CHAT_IN = {  # CHAT in each format, a second good line, and a broken line (the third) of that format
+    "ours": ({"conversations": CHAT, "task": "t"}, {"conversations": CHAT[1:]},
+             {"conversations": [{"role": "robot", "content": "Hi"}, CHAT[2]]},
+             "message 0 has unknown role 'robot' (expected one of system, user, assistant)"),
+    "openai": ({"messages": CHAT, "task": "t"},
+               {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi, I am Anna."}]}, CHAT[2]]},
+               {"messages": [CHAT[1], {"role": "assistant"}]}, "message 1 (assistant) has empty content"),
+    "sharegpt": ({"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": CHAT[1][
+        "content"]}, {"from": "gpt", "value": CHAT[2]["content"]}], "task": "t"},
+                 {"conversations": [{"from": "human", "value": "Hi, I am Anna."},
+                                    {"from": "gpt", "value": "Hello, Anna!"}]},
+                 {"conversations": [{"from": "bing", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+                 "message 0 has unknown role 'bing' (ShareGPT's \"from\" must be human, gpt or system)"),
+    "alpaca": ({"instruction": "Hi,", "input": "I am Anna.", "output": "Hello, Anna!", "system": "Be brief.",
+                "task": "t"}, {"instruction": "Hi, I am Anna.", "input": "", "output": "Hello, Anna!"},
+               {"instruction": "Hi", "response": "Hello"}, "no known conversation format (keys ['instruction', "
+                                                           "'response']): expected one of"),
+}
+
+
+@pytest.mark.verifies(4, "Conversations in our, OpenAI's, ShareGPT's and Alpaca's formats read as the same "
+                         "conversation, and a line in none of them names its file and line")
+@pytest.mark.parametrize("form", list(SAME_CHAT_IN))
+def test_every_format_reads_as_ours_and_a_broken_line_is_named(tok, tmp_path, capsys, form):
+    first, second, broken, problem = SAME_CHAT_IN[form]
+    path = tmp_path / f"{form}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (first, second, broken, first)))
+    formats = Counter()
+    records = list(sft_data.read_conversations(path, sft_data.SkipReport(path, strict=False), formats))
+    expected = CHAT if form != "alpaca" else [CHAT[0], {"role": "user", "content": "Hi,\n\nI am Anna."}, CHAT[2]]
+    assert [n for n, _ in records] == [1, 2, 4] and formats == {form: 3}
+    assert records[0][1] == {"conversations": expected, "task": "t"}
+    assert records[1][1]["conversations"] == CHAT[1:]  # a list of text parts (OpenAI), an empty input (Alpaca)
+    assert [e.line for e in load_examples(path, tok, max_tokens=129)] == [1, 2, 4]
+    assert f"{path}: skipped 1 of 4 conversations" in capsys.readouterr().out
+    with pytest.raises(UserError, match=re.escape(f"{path}, line 3: {problem}")):
+        load_examples(path, tok, max_tokens=129, strict=True)
+    assert sft_data.main(["--convert", str(path), str(tmp_path / "converted.jsonl")]) == {
+        "converted": 3, "formats": {form: 3}}
+    converted = [json.loads(line) for line in (tmp_path / "converted.jsonl").read_text().splitlines()]
+    assert converted == [r for _, r in records]
+    with pytest.raises(UserError, match=re.escape(f"{path}, line 3: {problem}")):
+        sft_data.main(["--convert", str(path), str(tmp_path / "never.jsonl"), "--strict"])
+    assert not (tmp_path / "never.jsonl").exists()
