@@ -32,6 +32,7 @@ from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from common.world.corpus import world_training_documents
 from step3_pretrain.data import encode_documents, load_tokenizer_with_fingerprint, load_tokens
+from step4_sft.blend import blend_name, is_blend, load_blend
 from step4_sft.data import collate, load_examples, sft_batch, steps_for_epochs
 
 MAKE_BASE = "python step3_pretrain/train_pretrain.py"
@@ -54,7 +55,8 @@ def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.Ar
     """The flags train_sft.py and train_lora.py share."""
     parser.add_argument("--checkpoint", default=None, help="pretrained model (default out/step3/model.pt)")
     parser.add_argument("--data", default=None,
-                        help="training conversations, JSONL (default out/step4/sft_train.jsonl)")
+                        help="training conversations, JSONL in any format data.py reads (default "
+                             "out/step4/sft_train.jsonl); several files blended by weight: a.jsonl:0.7,b.jsonl:0.3")
     parser.add_argument("--eval_data", default=None,
                         help="held-out conversations for the validation loss (default out/step4/sft_eval.jsonl)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
@@ -98,8 +100,9 @@ def setup(args, profiles: dict) -> dict:
     settings = resolve_profile(args, device, profiles)
 
     default_data = step_dir(4) / "sft_train.jsonl"
-    data_path = pathlib.Path(args.data or default_data)
-    own_data = data_path.resolve() != default_data.resolve()
+    blended = args.data is not None and is_blend(args.data)  # "a.jsonl:0.7,b.jsonl:0.3": several files by weight
+    data_path = pathlib.Path(blend_name(args.data) if blended else (args.data or default_data))
+    own_data = blended or data_path.resolve() != default_data.resolve()
     out_dir = pathlib.Path(args.out or (own_data_dir(4, data_path) if own_data else step_dir(4)))
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_BASE,
@@ -108,7 +111,9 @@ def setup(args, profiles: dict) -> dict:
         raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
     max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
-    examples = load_examples(data_path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
+    def load(path):
+        return load_examples(path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
+    examples = load_blend(args.data, load, args.seed, verbose=dist.is_main) if blended else load(data_path)
     micros_per_step = settings["grad_accum"] * dist.world_size
     if args.epochs is not None:
         settings["max_steps"] = steps_for_epochs(len(examples), args.epochs, settings["batch_size"], micros_per_step)
@@ -131,7 +136,7 @@ def setup(args, profiles: dict) -> dict:
     if dist.is_main and own_data and not args.out:
         print(f"writing to {out_dir} (a run on other data never replaces {step_dir(4)}'s model; --out DIR to choose)")
     if dist.is_main:
-        print(f"{len(examples):,} training conversations from {data_path}, "
+        print(f"{len(examples):,} training conversations from {args.data if blended else data_path}, "
               f"{sum(sum(e.mask) for e in examples):,} assistant tokens; each batch: {settings['batch_size']} "
               f"conversations + {replay_rows} rows of pretraining text")
         epochs = settings["max_steps"] * settings["batch_size"] * micros_per_step / len(examples)

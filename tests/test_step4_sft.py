@@ -658,3 +658,27 @@ def test_every_format_reads_as_ours_and_a_broken_line_is_named(tok, tmp_path, ca
     with pytest.raises(UserError, match=re.escape(f"{path}, line 3: {problem}")):
         sft_data.main(["--convert", str(path), str(tmp_path / "never.jsonl"), "--strict"])
     assert not (tmp_path / "never.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- blends
+
+def test_a_blend_takes_each_source_by_its_weight_and_says_what_each_gave(tok, files, tmp_path, capsys):
+    from step4_sft.blend import blend_name, is_blend, load_blend
+
+    mixed = load_blend("a.jsonl:0.7,b.jsonl:0.3", lambda path: [path] * {"a.jsonl": 6, "b.jsonl": 14}[path], seed=0)
+    assert Counter(mixed) == {"a.jsonl": 14, "b.jsonl": 6}  # 20 in all, 70 % from a: a's 6 over 2.33 passes
+    assert "a.jsonl gave 14 (weight 0.7; 6 in the file, 2.33 passes); b.jsonl gave 6" in capsys.readouterr().out
+    assert is_blend("a.jsonl,b.jsonl") and is_blend("a.jsonl:2") and not is_blend("my chats.jsonl")
+    assert blend_name("data/a.jsonl:0.7,b.jsonl:0.3") == "blend_a_b"  # its run writes to out/step4/blend_a_b/
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"  # OpenAI's format; ours with a broken line
+    a.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                                  {"role": "assistant", "content": f"{i}."}]}) + "\n" for i in range(9)))
+    b.write_text("{not json\n" + "".join(json.dumps({"conversations": [{"role": "user", "content": f"Add {i} and 1."},
+                                                                      {"role": "assistant", "content": f"{i + 1}."}]})
+                                         + "\n" for i in range(3)))
+    train_sft.main(script_args(files, tmp_path / "run") + ["--data", f"{a}:0.75,{b}:0.25", "--max_steps", "1"])
+    printed = capsys.readouterr().out
+    assert f"{b}: skipped 1 of 4 conversations: 1 not valid JSON (first at line 1)" in printed
+    assert f"blend of 2 sources, 12 conversations: {a} gave 9 (weight 0.75; 9 in the file, 1.00 passes); " \
+           f"{b} gave 3 (weight 0.25; 3 in the file, 1.00 passes)" in printed
+    assert f"12 training conversations from {a}:0.75,{b}:0.25" in printed
