@@ -219,14 +219,19 @@ def normalize(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(".")
 
 
-def final_number(text: str) -> str | None:
-    """The number on the '#### <number>' line (GSM8K's convention), or None."""
-    match = re.search(r"####\s*(-?\d+)", text)
-    return match.group(1) if match else None
+# After "####": a sign, digits (in groups of three after commas, "1,234", or plain), a decimal part.
+FINAL_NUMBER = re.compile(r"####\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+
+
+def final_number(text: str) -> float | None:
+    """The number on the '#### <number>' line (GSM8K's convention) as a number, or None:
+    "#### 1,234" -> 1234.0, "#### -3" -> -3.0, "#### 2.50" -> 2.5."""
+    match = FINAL_NUMBER.search(text)
+    return float(match.group(1).replace(",", "")) if match else None
 
 
 def score(task: str, reply: str, expected: str) -> bool:
-    """Exact match: the whole reply (normalized), or for math only the final number."""
+    """Exact match: the whole reply (normalized), or for math only the final number, compared as a number."""
     if task == "math":
         return final_number(reply) is not None and final_number(reply) == final_number(expected)
     return normalize(reply) == normalize(expected)

@@ -184,7 +184,7 @@ def test_sample_sets_hold_out_their_evaluation_items():
     assert {r["task"] for r in evaluation} == {"facts", "instructions", "multi_turn", "math"}
     assert all(r["conversations"][-1]["role"] == "assistant" for r in train + evaluation)
     math = next(r for r in evaluation if r["task"] == "math")["conversations"][-1]["content"]
-    assert score("math", "whatever\n#### " + final_number(math), math)
+    assert score("math", f"whatever\n#### {final_number(math):g}", math)
     assert asked(evaluation)  # facts questions are there
     # Facts: training asks only about step 3's quiz facts, evaluation only about the exam facts
     quiz, exam = split_facts(build_world(0))
@@ -682,3 +682,14 @@ def test_a_blend_takes_each_source_by_its_weight_and_says_what_each_gave(tok, fi
     assert f"blend of 2 sources, 12 conversations: {a} gave 9 (weight 0.75; 9 in the file, 1.00 passes); " \
            f"{b} gave 3 (weight 0.25; 3 in the file, 1.00 passes)" in printed
     assert f"12 training conversations from {a}:0.75,{b}:0.25" in printed
+
+
+# ----------------------------------------------------------------------------- math answers
+
+def test_math_answers_are_read_and_compared_as_numbers():
+    assert [final_number(f"7 + 5 = 12.\n#### {n}") for n in ("1,234", "-3", "2.5", "12", "1,234,567.25")] == \
+           [1234.0, -3.0, 2.5, 12.0, 1234567.25]
+    assert final_number("#### 12.") == 12.0 and final_number("no answer line") is None
+    assert score("math", "...\n#### 1,234", "...\n#### 1234") and score("math", "#### 2.50", "#### 2.5")
+    assert score("math", "#### -3", "#### -3") and not score("math", "#### 3", "#### -3")
+    assert not score("math", "#### 12,34", "#### 1234")  # not a grouping of thousands: reads as 12
