@@ -45,7 +45,7 @@ class ImageChatSession:
     def send(self, text: str):
         """Yield the reply to `text` (one piece), or a note in brackets when the turn cannot be asked."""
         if self.image is not None and not self.messages and IMAGE not in text:
-            text = f"{IMAGE}\n{text}"  # the picture goes with the first question
+            text = f"{text}\n{IMAGE}"  # the picture goes after the first question, as in training
         messages = self.messages + [{"role": "user", "content": text}]
         n_images = 0 if self.image is None else 1
         if image_tag_count(messages) != n_images:

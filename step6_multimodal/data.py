@@ -70,7 +70,8 @@ def caption(scene) -> str:
 
 
 def _ask(question: str) -> dict:
-    return {"role": "user", "content": f"{IMAGE}\n{question}"}
+    """The question, then the picture: so the picture's positions can attend to the question (see README)."""
+    return {"role": "user", "content": f"{question}\n{IMAGE}"}
 
 
 def _answer(text: str) -> dict:

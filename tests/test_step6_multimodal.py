@@ -45,11 +45,12 @@ def scene_picture(seed=0, n=3):
 
 
 @pytest.fixture(scope="module")
-def trained(quick_run, tmp_path_factory):
-    """train_vlm.py --quick on the shared quick model, and the run's outputs."""
-    out = tmp_path_factory.mktemp("step6")
-    result = train_vlm.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer),
-                             "--out", str(out)])
+def trained(quick_run):
+    """train_vlm.py --quick on the shared quick model, and the run's outputs (in the tests' out/quick/step6)."""
+    from common.paths import step_dir
+
+    result = train_vlm.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer)])
+    out = step_dir(6)
     return result, out, load_tokenizer(quick_run.tokenizer), quick_run.tokenizer
 
 
@@ -167,7 +168,7 @@ def test_png_and_jpeg_same_answer(trained, tmp_path):
         for kind in QUESTION_KINDS[:4]:
             messages = conversation_about(random_scene(np.random.default_rng(seed), 3), kind,
                                           np.random.default_rng(seed)) or []
-            question = messages[:1] or [{"role": "user", "content": "<image>\nHow many shapes are there?"}]
+            question = messages[:1] or [{"role": "user", "content": "How many shapes are there?\n<image>"}]
             assert answer(vlm, tok, question, png[None]) == answer(vlm, tok, question, jpeg[None])
 
 
@@ -258,8 +259,11 @@ def test_generated_answers_and_held_out(byte_tok):
 def test_training_outputs(trained):
     result, out, tok, tokenizer_path = trained
     for key in ("vqa_acc", "blank_image_acc"):
-        assert set(result[key]) == {"overall", *QUESTION_KINDS}
-        assert all(0.0 <= v <= 1.0 for v in result[key].values())
+        assert set(result[f"{key}_by_kind"]) == {"overall", *QUESTION_KINDS}
+        assert all(0.0 <= v <= 1.0 for v in result[f"{key}_by_kind"].values())
+        assert result[key] == result[f"{key}_by_kind"]["overall"]
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["vqa_acc_by_kind"] == result["vqa_acc_by_kind"] and written["params"] == result["params"]
     assert result["stage1"]["train_seconds"] > 0 and result["stage2"]["train_seconds"] > 0
     assert result["stage1"]["trainable_params"] == result["params"]["encoder"] + result["params"]["projector"]
     assert set(result["params"]) == {"encoder", "projector", "language_model"}
@@ -272,7 +276,7 @@ def test_training_outputs(trained):
     right = score(vlm, examples, tok.eot_id)
     for (kind, pixels, messages), ok in list(zip(held_out, right))[::7]:
         assert ok == (answer(vlm, tok, messages[:-1], to_tensor(pixels)[None]) == messages[-1]["content"])
-    assert result["vqa_acc"]["overall"] == pytest.approx(np.mean(right))
+    assert result["vqa_acc"] == pytest.approx(np.mean(right))
 
 
 @pytest.mark.verifies(STEP, "chat.py answers questions about an image and refuses <image> without one")
@@ -283,7 +287,7 @@ def test_chat(trained, byte_tok, tmp_path):
     session = ImageChatSession(vlm, byte_tok, load_image(tmp_path / "pic.png"), max_new_tokens=6)
     shown = io.StringIO()
     assert chat_loop(session, ["How many shapes are there?", "What colour is it?"], shown, interactive=False) == 2
-    assert session.messages[0]["content"] == "<image>\nHow many shapes are there?"
+    assert session.messages[0]["content"] == "How many shapes are there?\n<image>"
     assert len(session.messages) == 4 and session.messages[2]["content"] == "What colour is it?"
     assert shown.getvalue().count("assistant> ") == 2 and "does not fit" not in shown.getvalue()
     no_image = ImageChatSession(vlm, byte_tok, None)
