@@ -127,6 +127,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Take every LoRA layer and token-row wrapper off without merging, in place: the base model
+    again, exactly (its weights were frozen and never changed). Then another adapter can go on."""
+    for name, module in {**lora_layers(model), **token_rows(model)}.items():
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.base)
+    for p in model.parameters():
+        p.requires_grad_(True)  # as a freshly loaded model
+    return model
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -273,8 +284,10 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
     """Put the adapter in `path` on `model` (in place) and return it.
 
     A plain model is wrapped with the adapter's settings first; a model that
-    already has LoRA layers must have the adapter's rank and targets. Anything
-    that does not fit (another base config, another rank) is a UserError."""
+    already has LoRA layers must have the adapter's rank and targets, and gets
+    its weights (adapter A, then B on one base: B's model; unload_lora: the base
+    again). Anything that does not fit (another base model, another rank or
+    targets) is a UserError naming the difference."""
     adapter = load_checkpoint(path, hint=hint)
     if adapter.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{path}: not a LoRA adapter file (format {adapter.get('format')!r}); "
@@ -284,6 +297,11 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
         differ = [f"{k}={v} there but {base_config.get(k)} here" for k, v in adapter["base_config"].items()
                   if base_config.get(k) != v]
         raise UserError(f"{path}: adapter was trained on a different base model ({'; '.join(differ)}); "
+                        f"pass the --checkpoint it was trained on")
+    here = base_fingerprint(model)
+    if adapter.get("base_fingerprint") not in (None, here):  # same config, other weights (step 3 retrained?)
+        raise UserError(f"{path}: adapter was trained on a different base model with the same config (base "
+                        f"weights' fingerprint {adapter['base_fingerprint']} there but {here} here); "
                         f"pass the --checkpoint it was trained on")
     layers = lora_layers(model)
     if not layers:
@@ -298,8 +316,10 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
         raise UserError(f"{path}: adapter trains the rows of tokens {adapter.get('token_ids', [])} but the "
                         f"model's LoRA wraps {_token_ids(model)}; load it into a model without LoRA layers")
     if set(adapter["weights"]) != set(_adapter_weights(model)):
-        raise UserError(f"{path}: adapter targets {adapter['targets']} (and token rows "
-                        f"{adapter.get('token_ids', [])}) do not match the model's LoRA layers")
+        wrapped = sorted({name.rpartition(".")[2] for name in layers})
+        raise UserError(f"{path}: adapter targets {','.join(adapter['targets'])} but the model's LoRA layers wrap "
+                        f"{','.join(wrapped)}; unload_lora() the model first, or wrap it with --target_modules "
+                        f"{','.join(adapter['targets'])}")
     for key, tensor in adapter["weights"].items():
         module_name, _, part = key.rpartition(".")
         param = getattr(model.get_submodule(module_name), part)
@@ -308,7 +328,4 @@ def load_adapter(model: nn.Module, path, hint: str = "python step4_sft/train_lor
                             f"{tuple(param.shape)}; the file is damaged or was edited")
         with torch.no_grad():
             param.copy_(tensor)
-    if adapter.get("base_fingerprint") not in (None, base_fingerprint(model)):
-        print(f"warning: {path} was trained on a base model with the same config but other weights; "
-              f"its answers may be poor (was step 3 retrained?)")
     return model

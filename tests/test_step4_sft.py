@@ -693,3 +693,57 @@ def test_math_answers_are_read_and_compared_as_numbers():
     assert score("math", "...\n#### 1,234", "...\n#### 1234") and score("math", "#### 2.50", "#### 2.5")
     assert score("math", "#### -3", "#### -3") and not score("math", "#### 3", "#### -3")
     assert not score("math", "#### 12,34", "#### 1234")  # not a grouping of thousands: reads as 12
+
+
+# ----------------------------------------------------------------------------- two adapters on one base
+
+def random_adapter(files, tok, path, seed, targets=("wq", "wv"), r=4):
+    """An adapter with random (not zero) updates, as if trained: every A, B and token row moved."""
+    model = load_model(files / "base.pt")
+    apply_lora(model, targets, r=r, token_ids=[tok.im_start_id, tok.im_end_id])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    save_adapter(model, path)
+    return path
+
+
+def test_adapter_a_then_b_then_none_on_one_base(tok, files, lora_run, tmp_path, monkeypatch):
+    from step4_sft.chat import load_chat_model, main as chat_main
+    from step4_sft.lora import unload_lora
+
+    a, b = random_adapter(files, tok, tmp_path / "a.pt", 1), random_adapter(files, tok, tmp_path / "b.pt", 2)
+    x = torch.tensor([tok.encode_ordinary("Where does Mirven live? He lives in a town.")])
+    model = load_model(files / "base.pt").eval()
+    base_logits = model(x)[0]
+    a_logits = load_adapter(model, a)(x)[0]
+    b_logits = load_adapter(model, b)(x)[0]  # B's weights replace A's on the same LoRA layers
+    merged_b = load_chat_model(files / "base.pt", b)  # what chat.py --lora b.pt talks to
+    assert not lora_layers(merged_b) and not torch.allclose(a_logits, b_logits, atol=1e-2)
+    assert torch.allclose(b_logits, merged_b(x)[0], atol=1e-5)
+    assert torch.equal(b_logits, load_adapter(load_model(files / "base.pt").eval(), b)(x)[0])  # no trace of A
+    unload_lora(model)
+    assert torch.equal(model(x)[0], base_logits)  # none: the base model's logits, exactly
+    assert model.state_dict().keys() == load_model(files / "base.pt").state_dict().keys()
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
+    messages = chat_main(["--quick", "--checkpoint", str(files / "base.pt"), "--lora", str(b),
+                          "--tokenizer", str(files / "tokenizer.json")])
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+
+
+def test_a_mismatched_adapter_is_refused_naming_the_difference(tok, files, lora_run, tmp_path):
+    out, _ = lora_run  # rank 8 on wq,wv
+    with_a = load_adapter(load_model(files / "base.pt"), random_adapter(files, tok, tmp_path / "a.pt", 1))  # rank 4
+    with pytest.raises(UserError, match=r"adapter has rank 8 but the model's LoRA layers have rank \[4\]"):
+        load_adapter(with_a, out / "lora_adapter.pt")
+    every_layer = random_adapter(files, tok, tmp_path / "all.pt", 3, targets=("wq", "wk", "wv", "wo"))
+    with pytest.raises(UserError, match="adapter targets wk,wo,wq,wv but the model's LoRA layers wrap wq,wv; "
+                                        "unload_lora"):
+        load_adapter(with_a, every_layer)
+    torch.manual_seed(123)  # the same config, other weights: another pretraining
+    other_base = Transformer(tiny_config(tok.vocab_size))
+    with pytest.raises(UserError, match=r"different base model with the same config \(base weights' fingerprint "
+                                        r"[0-9a-f]{16} there but [0-9a-f]{16} here\)"):
+        load_adapter(other_base, out / "lora_adapter.pt")
