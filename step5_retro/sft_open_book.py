@@ -36,9 +36,10 @@ PROFILES = {
     "gpu": dict(max_steps=600, batch_size=64, grad_accum=1, lr=5e-4, warmup_steps=50, eval_every=200,
                 ckpt_every=300),
 }
-EXAMPLES = {"quick": 200, "default": 4000}   # open-book training conversations
+EXAMPLES = {"quick": 200, "default": 8000}   # open-book conversations generated; the blend holds as many in all
 EVAL_EXAMPLES = {"quick": 16, "default": 200}
-DEFAULT_BLEND = "open_book:0.5,step4:0.5"
+DEFAULT_BLEND = "open_book:0.8,step4:0.2"  # chosen by measurement (EXPERIMENTS.md)
+REPLAY_ROWS = 2  # rows of step 3's text per batch (step 4 uses 4): more of each step goes to reading
 MAKE_CHAT_MODEL = "python step4_sft/train_sft.py"
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
                              f"'step4' is out/step4/sft_train.jsonl (default {DEFAULT_BLEND})")
     parser.add_argument("--examples", type=int, default=None,
                         help=f"open-book conversations to generate (default {EXAMPLES['default']}, "
-                             f"quick {EXAMPLES['quick']}); the blend holds twice as many conversations in all")
+                             f"quick {EXAMPLES['quick']}); the blend holds as many conversations in all")
     args = parser.parse_args(argv)
     profile = "quick" if args.quick else "default"
     out_dir = pathlib.Path(args.out or step_dir(5))
@@ -82,8 +83,9 @@ def main(argv=None):
     write_jsonl(open_book_records(tokenizer, EVAL_EXAMPLES[profile], seed=args.seed + 1, **shape), eval_path)
     sources = [(read_records(resolve_source(name, out_dir)), weight) for name, weight in parse_blend(args.blend)]
     blend_path = out_dir / "open_book_blend.jsonl"
-    write_jsonl(blend(sources, 2 * n_examples, args.seed), blend_path)
+    write_jsonl(blend(sources, n_examples, args.seed), blend_path)
     args.data, args.eval_data = args.data or str(blend_path), args.eval_data or str(eval_path)
+    args.replay_rows = REPLAY_ROWS if args.replay_rows is None else args.replay_rows
 
     run = setup(args, PROFILES)
     model = run["model"]
