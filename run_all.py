@@ -78,7 +78,8 @@ HEADLINES = {
         ("qa_em_open_book_sft", "answers with the database", "share", "exact-match answers reading retrieved text"),
         ("edited_fact_success", "edited facts answered anew", "share",
          "facts rewritten in the database and answered with the new value, no retraining")],
-    6: [("vqa_acc", "image questions answered", "share", "exact-match answers to questions about generated images")],
+    6: [("vqa_acc.overall", "image questions answered", "share",
+         "exact-match answers to questions about generated images")],
 }
 
 
@@ -102,12 +103,12 @@ def figure(value, unit: str) -> str:
 
 
 def lookup(metrics: dict, path: str):
-    """metrics["a"]["b"] for "a.b"; None when any part is missing."""
+    """metrics["a"]["b"] for "a.b"; None when a part is missing or the value is not a number (or a bool)."""
     for key in path.split("."):
         if not isinstance(metrics, dict) or key not in metrics:
             return None
         metrics = metrics[key]
-    return metrics
+    return metrics if isinstance(metrics, (int, float)) else None  # bools are ints
 
 
 def machine() -> str:

@@ -123,11 +123,12 @@ def test_report_card_gives_headlines_with_units_plots_inline_and_links_the_raw_f
     out = tmp_path / "out"
     monkeypatch.setattr(common.paths, "OUT_DIR", out)
     monkeypatch.setattr(run_all, "STEPS", [(1, "Tokenizer", []), (2, "The model", []), (3, "Pretraining", []),
-                                           (5, "Retrieval", [])])
+                                           (5, "Retrieval", []), (6, "Multimodal", [])])
     monkeypatch.setattr(run_all, "machine", lambda: "Some CPU, 2 cores, Linux, Python 3.11.7")
     figures = {1: {"vocab_size": 2497, "bytes_per_token": 3.4567, "kv": {"deep": [1, 2]}},
                3: {"params": 131392, "val_loss": 4.955, "probe": {"facts": 0.5, "sums": 0.9633}},
-               5: {"retrieval_recall": 0.875, "qa_em_closed_book": 0.1}}
+               5: {"retrieval_recall": 0.875, "qa_em_closed_book": 0.1},
+               6: {"vqa_acc": {"overall": 0.25, "colour": 0.5}}}
     for step, metrics in figures.items():
         (out / f"step{step}").mkdir(parents=True)
         (out / f"step{step}" / "metrics.json").write_text(json.dumps(metrics))
@@ -147,6 +148,7 @@ def test_report_card_gives_headlines_with_units_plots_inline_and_links_the_raw_f
     assert "Wall time: not timed (run before this run_all.py). All figures: [step5/metrics.json]" in report
     assert "| retrieval recall | 87.5 % |" in report and "| answers without the database | 10.0 % |" in report
     assert "edited" not in report and "kv" not in report  # missing keys left out; the raw figures only linked
+    assert "| image questions answered | 25.0 % |" in report and "colour" not in report
 
 
 def test_plugin_prints_each_step_list_ticked_and_crossed(pytester):
