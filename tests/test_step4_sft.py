@@ -747,3 +747,52 @@ def test_a_mismatched_adapter_is_refused_naming_the_difference(tok, files, lora_
     with pytest.raises(UserError, match=r"different base model with the same config \(base weights' fingerprint "
                                         r"[0-9a-f]{16} there but [0-9a-f]{16} here\)"):
         load_adapter(other_base, out / "lora_adapter.pt")
+
+
+# ----------------------------------------------------------------------------- the lesson's checklist
+
+@pytest.mark.verifies(4, "SFT changes only the data and the mask: scored on every position, a conversation's loss "
+                         "is pretraining's next-token loss; scored on the answers, it is the mean over their tokens")
+def test_sft_is_pretraining_s_loss_on_conversations_with_a_mask(byte_tok):
+    from common.train import default_loss
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(byte_tok.vocab_size))
+    ids, mask = encode_conversation(byte_tok, CONVERSATION)
+    pretraining = default_loss(model, {"idx": torch.tensor([ids[:-1]]), "targets": torch.tensor([ids[1:]])})
+    every = collate([Example(ids, [1] * len(ids), None, 1)], byte_tok.eot_id)
+    assert torch.equal(sft.sft_loss(model, {**every, "replay": torch.tensor([False])}), pretraining)
+    answers = collate([Example(ids, mask, None, 1)], byte_tok.eot_id)
+    per_token = torch.nn.functional.cross_entropy(model(torch.tensor([ids[:-1]]))[0][0], torch.tensor(ids[1:]),
+                                                  reduction="none")
+    scored = torch.tensor(mask[1:]) == 1  # the positions whose next token is the assistant's
+    assert torch.allclose(sft.sft_loss(model, {**answers, "replay": torch.tensor([False])}), per_token[scored].mean())
+
+
+def greeting_chat(name: str) -> list[tuple[str, str]]:
+    """A name, a question about something else, then the name asked back (user, assistant) x 3."""
+    return [(f"Hi, my name is {name}.", f"Nice to meet you, {name}!"),
+            ("What is two plus two?", "Two plus two is four."),
+            ("What is my name?", f"Your name is {name}.")]
+
+
+@pytest.mark.verifies(4, "A model fine-tuned in the test holds a simple conversation: it answers a handful of "
+                         "fixed conversations, including a name given two turns earlier")
+def test_a_tiny_model_fine_tuned_here_holds_a_simple_conversation(tok, tmp_path):
+    from common.train import TrainConfig, train
+
+    names = ["Anna", "Bruno", "Cleo", "Dario"]  # the same turns but the name: the last answer must read turn 1
+    chats = [[{"role": role, "content": text} for turn in greeting_chat(name) for role, text in
+              zip(("user", "assistant"), turn)] for name in names]
+    examples = [Example(*encode_conversation(tok, chat), None, i) for i, chat in enumerate(chats)]
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(tok.vocab_size, block_size=256, n_embd=64))
+    cfg = TrainConfig(max_steps=100, batch_size=4, lr=5e-3, warmup_steps=10, eval_every=0, ckpt_every=0,
+                      weight_decay=0.0)
+    train(model, cfg, lambda step, micro: sft_batch(examples, 4, tok.eot_id, 0, step, micro, micros_per_step=1),
+          loss_fn=sft.sft_loss, device=torch.device("cpu"), checkpoint_path=tmp_path / "ckpt.pt")  # every step: all 4
+    model.eval()
+    for name in names:
+        session = ChatSession(model, tok)  # the reply to each message is written by the model, greedily
+        assert [("".join(session.send(user)), answer) for user, answer in greeting_chat(name)] == \
+               [(answer, answer) for _, answer in greeting_chat(name)]
