@@ -49,6 +49,14 @@ PROFILES = {
                 ckpt_every=500),
 }
 TRAIN_KEYS = tuple(PROFILES["default"])
+# LoRA (train_lora.py, lora_sweep.py) trains far fewer numbers, each of which must move further: a
+# larger learning rate than full fine-tuning (10x, chosen by a sweep in step4_sft/EXPERIMENTS.md), and
+# no weight decay (it would pull B A back towards "no change").
+LORA_PROFILES = {name: {**p, "lr": p["lr"] * 10} for name, p in PROFILES.items()}
+# And more steps: a LoRA step costs less than a full SFT step (no replayed rows, no optimizer
+# state for the frozen weights), and its loss is still falling where full SFT stops
+# (step4_sft/EXPERIMENTS.md, still under 10 minutes).
+LORA_PROFILES["default"] = {**LORA_PROFILES["default"], "max_steps": 1500}
 
 
 def add_sft_args(parser: argparse.ArgumentParser, profiles: dict) -> argparse.ArgumentParser:
@@ -97,7 +105,6 @@ def setup(args, profiles: dict) -> dict:
     if device.type == "cuda" and dist.world_size > 1:
         device = torch.device("cuda", dist.local_rank)
     seed_everything(args.seed)
-    settings = resolve_profile(args, device, profiles)
 
     default_data = step_dir(4) / "sft_train.jsonl"
     blended = args.data is not None and is_blend(args.data)  # "a.jsonl:0.7,b.jsonl:0.3": several files by weight
@@ -111,12 +118,12 @@ def setup(args, profiles: dict) -> dict:
         raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
     max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
+
     def load(path):
         return load_examples(path, tokenizer, max_tokens, strict=args.strict, verbose=dist.is_main)
     examples = load_blend(args.data, load, args.seed, verbose=dist.is_main) if blended else load(data_path)
+    settings = run_settings(args, device, profiles, len(examples), dist.world_size)
     micros_per_step = settings["grad_accum"] * dist.world_size
-    if args.epochs is not None:
-        settings["max_steps"] = steps_for_epochs(len(examples), args.epochs, settings["batch_size"], micros_per_step)
     eval_path = pathlib.Path(args.eval_data or step_dir(4) / "sft_eval.jsonl")
     val_examples = (load_examples(eval_path, tokenizer, max_tokens, verbose=False)
                     if args.eval_data or eval_path.exists() else [])
@@ -148,6 +155,15 @@ def setup(args, profiles: dict) -> dict:
                 model=model, examples=examples, val_examples=val_examples,
                 micros_per_step=micros_per_step if args.epochs is not None else None,
                 replay_tokens=replay_tokens, replay_rows=replay_rows, replay_weight=args.replay_weight)
+
+
+def run_settings(args, device, profiles: dict, n_examples: int, world_size: int = 1) -> dict:
+    """The profile's settings with the user's flags on top; with --epochs, the steps those epochs take."""
+    settings = resolve_profile(args, device, profiles)
+    if args.epochs is not None:
+        settings["max_steps"] = steps_for_epochs(n_examples, args.epochs, settings["batch_size"],
+                                                 settings["grad_accum"] * world_size)
+    return settings
 
 
 @torch.no_grad()

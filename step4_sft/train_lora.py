@@ -21,16 +21,7 @@ from common.cli import UserError, next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
 from step4_sft.lora import apply_lora, count_trainable, parse_targets, save_adapter
-from step4_sft.sft import PROFILES as SFT_PROFILES, add_sft_args, file_mb, run_sft, setup
-
-# LoRA trains far fewer numbers, each of which must move further: a larger learning rate
-# than full fine-tuning (10x, chosen by a sweep in step4_sft/EXPERIMENTS.md), and no weight
-# decay (it would pull B A back towards "no change").
-PROFILES = {name: {**p, "lr": p["lr"] * 10} for name, p in SFT_PROFILES.items()}
-# And more steps: a LoRA step costs less than a full SFT step (no replayed rows, no optimizer
-# state for the frozen weights), and its loss is still falling where full SFT stops
-# (step4_sft/EXPERIMENTS.md, still under 10 minutes).
-PROFILES["default"] = {**PROFILES["default"], "max_steps": 1500}
+from step4_sft.sft import LORA_PROFILES as PROFILES, add_sft_args, file_mb, run_sft, setup
 
 
 def main(argv=None):

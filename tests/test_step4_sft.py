@@ -796,3 +796,34 @@ def test_a_tiny_model_fine_tuned_here_holds_a_simple_conversation(tok, tmp_path)
         session = ChatSession(model, tok)  # the reply to each message is written by the model, greedily
         assert [("".join(session.send(user)), answer) for user, answer in greeting_chat(name)] == \
                [(answer, answer) for _, answer in greeting_chat(name)]
+
+
+# ----------------------------------------------------------------------------- what rank buys
+
+def test_lora_sweep_quick_profile_trains_scores_and_plots_every_run(files, tmp_path, capsys):
+    from step4_sft import lora_sweep
+
+    args = script_args(files, tmp_path / "sweep") + ["--ranks", "1,2", "--max_steps", "2", "--limit", "1",
+                                                     "--pretrain_data", str(files)]
+    result = lora_sweep.main(args)
+    runs = result["runs"]
+    assert list(runs) == ["full_sft", "full_sft_no_replay", "lora_wq-wv_r1", "lora_wq-wv_r2",
+                          "lora_all-linear_r1", "lora_all-linear_r2"]
+    base = load_model(files / "base.pt")
+    linears = {name.rpartition(".")[2]: m for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    rows = 2 * base.config.n_embd  # the two chat tokens' embedding rows
+    for r in (1, 2):  # (in + out) * r per wrapped layer, in each of the 2 blocks
+        assert runs[f"lora_wq-wv_r{r}"]["trainable_params"] == 2 * r * sum(
+            linears[m].in_features + linears[m].out_features for m in ("wq", "wv")) + rows
+        assert runs[f"lora_all-linear_r{r}"]["trainable_params"] == 2 * r * sum(
+            linears[m].in_features + linears[m].out_features for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up",
+                                                                       "w_down")) + rows
+    assert runs["full_sft"]["trainable_params"] == count_trainable(base)[1]
+    assert all(set(r["accuracy"]) >= {"overall"} and r["steps"] == 2 for r in runs.values())
+    for r in runs.values():  # every fine-tune moved the weights: the pretraining loss changed
+        assert r["pretrain_val_loss"] != pytest.approx(result["base_pretrain_val_loss"], abs=1e-6), r["name"]
+    assert result["plot"] == tmp_path / "lora_sweep.png" and result["plot"].stat().st_size > 0
+    assert not list((tmp_path / "sweep").glob("*_checkpoint.pt"))
+    capsys.readouterr()
+    again = lora_sweep.main(args)  # a sweep run again keeps what is done
+    assert again["runs"] == runs and capsys.readouterr().out.count("kept from") == 6
