@@ -1,7 +1,7 @@
 """The vision-language model: a tiny ViT sees, a projector translates, the language model talks.
 
-    image (3, 32, 32) --patches 4x4--> 64 patch vectors --ViT blocks--> 64 "seen" vectors
-        --pixel shuffle 2x2--> 16 vectors --LayerNorm + MLP--> 16 vectors of the LM's width
+    image (3, 32, 32) --3x3 conv, patches 4x4--> 64 patch vectors --ViT blocks--> 64 "seen" vectors
+        --pixel shuffle 2x2--> 16 vectors --LayerNorm + MLP + RMSNorm--> 16 vectors of the LM's width
     "<|im_start|>user\\n <image> x16 \\nWhat colour is the circle?<|im_end|>..."
         model.embed(ids): the 16 <image> rows are overwritten by those 16 vectors -> model(inputs_embeds=...)
 
@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import UserError, next_command
-from common.model import KVCache, ModelConfig, Transformer
+from common.model import KVCache, ModelConfig, RMSNorm, Transformer
 from step6_multimodal.images import IMAGE_SIZE
 
 VLM_FORMAT = "lm-tutorial-vlm"
@@ -36,6 +36,7 @@ MAKE_VLM = "python step6_multimodal/train_vlm.py"
 class VisionConfig:
     image_size: int = IMAGE_SIZE
     patch_size: int = 4     # pixels per side of a patch
+    stem_width: int = 32    # channels of the 3x3 convolution before the patch embedding; 0: none (a plain ViT)
     width: int = 128        # the encoder's vector size
     n_layer: int = 2
     n_head: int = 4
@@ -69,8 +70,13 @@ class VisionEncoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
+        # A convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"):
+        # one 3x3 convolution finds edges and corners at every pixel before the picture is cut up.
+        channels = config.stem_width or 3
+        self.stem = (nn.Sequential(nn.Conv2d(3, channels, kernel_size=3, padding=1), nn.GELU())
+                     if config.stem_width else nn.Identity())
         # a conv with kernel = stride = patch size is "flatten each patch, multiply by one matrix"
-        self.patch_embed = nn.Conv2d(3, config.width, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embed = nn.Conv2d(channels, config.width, kernel_size=config.patch_size, stride=config.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, config.grid ** 2, config.width) * 0.02)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(config.width, config.n_head, 4 * config.width, dropout=0.0,
@@ -80,7 +86,7 @@ class VisionEncoder(nn.Module):
 
     def forward(self, images):
         """(n, 3, H, W) -> (n, grid*grid, width), patches in reading order (row by row)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
+        x = self.patch_embed(self.stem(images)).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -106,9 +112,17 @@ class Projector(nn.Module):
         self.norm = nn.LayerNorm(folded)
         self.mlp = nn.Sequential(nn.Linear(folded, config.projector_hidden), nn.GELU(),
                                  nn.Linear(config.projector_hidden, lm_width))
+        # Image vectors as large as word vectors: unchecked, they grew a hundred times larger than the
+        # token embeddings (EXPERIMENTS.md), and the layers' small additions could no longer change them.
+        self.out_norm = RMSNorm(lm_width)
+
+    def match_scale(self, token_embeddings: torch.Tensor) -> None:
+        """Start the output gain at the root-mean-square of the language model's token embeddings."""
+        with torch.no_grad():
+            self.out_norm.weight.fill_(float(token_embeddings.float().pow(2).mean().sqrt()))
 
     def forward(self, x):
-        return self.mlp(self.norm(pixel_shuffle(x, self.config.grid, self.config.shuffle)))
+        return self.out_norm(self.mlp(self.norm(pixel_shuffle(x, self.config.grid, self.config.shuffle))))
 
 
 class VisionLanguageModel(nn.Module):
@@ -119,6 +133,7 @@ class VisionLanguageModel(nn.Module):
         self.vision_config, self.image_token_id = vision_config, image_token_id
         self.encoder = VisionEncoder(vision_config)
         self.projector = Projector(vision_config, lm.config.n_embd)
+        self.projector.match_scale(lm.tok_emb.weight)
         self.lm = lm
 
     @property
