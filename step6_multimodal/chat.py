@@ -70,7 +70,8 @@ def main(argv=None):
     parser.add_argument("--image", default=None, help="the picture to talk about (PNG, JPEG, ...)")
     parser.add_argument("--checkpoint", default=None, help="vision-language model (default out/step6/vlm.pt)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
-    parser.add_argument("--max_new_tokens", type=int, default=REPLY_TOKENS, help=f"longest reply (default {REPLY_TOKENS})")
+    parser.add_argument("--max_new_tokens", type=int, default=REPLY_TOKENS,
+                        help=f"longest reply (default {REPLY_TOKENS})")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:

@@ -18,7 +18,6 @@ Generated conversations: each asks one kind of question (QUESTION_KINDS) about a
 scene (images.py); one kind is a follow-up that refers back to the turn before.
 """
 import argparse
-import json
 import pathlib
 import sys
 from dataclasses import dataclass

@@ -17,8 +17,8 @@ from step4_sft.chat import chat_loop
 from step4_sft.chat_template import shift_labels
 from step6_multimodal import chat, data, train_vlm
 from step6_multimodal.chat import ImageChatSession
-from step6_multimodal.data import (QUESTION_KINDS, caption, collate_images, conversation_about, encode_image_conversation,
-                                   generated_batch, held_out_set, load_image_examples)
+from step6_multimodal.data import (QUESTION_KINDS, caption, collate_images, conversation_about,
+                                   encode_image_conversation, generated_batch, held_out_set, load_image_examples)
 from step6_multimodal.evaluate import answer, eval_examples, last_answer_only, score
 from step6_multimodal.images import (IMAGE_SIZE, Shape, draw, load_image, load_pixels, random_scene, save_png,
                                      to_tensor)
