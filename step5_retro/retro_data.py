@@ -3,23 +3,32 @@
 Why: a model that can memorise a fact has no reason to look it up, and a small model trained for
 minutes does not learn to copy from its context unless it must (steps 3 and 4). So every world
 here is drawn afresh (`build_world(seed, "quick")`: new names, new values) and its text is read
-once or twice in training: no value can be memorised, and the only way to predict "Lorenwen is a
+about once in training: no value can be memorised, and the only way to predict "Lorenwen is a
 healer" is to read Lorenwen's fact sheet among the neighbours.
 
-    world s -> stories and entries (generate_documents)         -> the text rows the model trains on
-            -> one fact sheet per entity (documents_about)       -> the world's library (database.py)
-    each chunk of m text tokens -> its k nearest library chunks -> neighbours: chunk + continuation
+    world s -> one entry per entity, its name alone in the first chunk -> the text rows the model trains on
+            -> one fact sheet per entity (documents_about)          -> the world's library (database.py)
+    each chunk of m text tokens -> its k nearest library chunks    -> neighbours: chunk + continuation
+
+Two choices make the neighbours worth reading (step5_retro/EXPERIMENTS.md measures both):
+- the text is encyclopedia entries, one per entity, each fact said once: in stories the same
+  facts come back in every document of a world, so most of them are already in the context;
+- each entry starts on a chunk boundary with its name alone in the first chunk (left-padded, as
+  RETRO pads its QA prompts): that chunk retrieves the entity's fact sheet before the first fact.
+  Padding is never a scored target.
 
 The library is searched per world: names are re-drawn from a small set of syllables, so the same
 name recurs in other worlds with other facts, and one global search would hand the model another
 world's Lorenwen. Each world is a small database of its own (step5_retro/database.py, TF-IDF, exact
-index), as if each story came with its own encyclopedia.
+index), as if each entry came with its own encyclopedia.
 
-    data = retro_split(range(1000, 1600), tokenizer, block_size=256, chunk_size=32, k=2)
-    data.rows (n, T+1)  data.neighbours (n, T // m, k, 2m)  data.random_neighbours  data.fact (n, T)  data.world (n,)
+    data = retro_split(range(1000, 1400), tokenizer, block_size=256, chunk_size=16, k=2)
+    data.rows (n, T+1)  data.neighbours (n, T // m, k, 2m)  data.random_neighbours
+    data.fact, data.scored (n, T)  data.world (n,)
 """
 import hashlib
 import json
+import random
 import re
 from dataclasses import dataclass
 
@@ -27,7 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.world.world import build_world, documents_about, generate_documents
+from common.model import IGNORE_INDEX
+from common.world.world import build_world, documents_about
 from step5_retro.database import build_database, tokenizer_sha
 from step5_retro.retro_model import NO_TOKEN
 
@@ -42,20 +52,22 @@ class RetroSplit:
     neighbours: np.ndarray         # (n, L, k, 2m) each chunk's neighbours (chunk + continuation), NO_TOKEN = none
     random_neighbours: np.ndarray  # (n, L, k, 2m) chunks drawn at random from ANOTHER world's library
     fact: np.ndarray               # (n, T) bool: the target is a token of a fact's value (a name, a colour, ...)
+    scored: np.ndarray             # (n, T) bool: the target is text, not padding (padding carries no loss)
     world: np.ndarray              # (n,) the seed of the world each row comes from
     meta: dict                     # what the table was built from; a model trained on it checks it
 
     def batch(self, index, random_neighbours: bool = False) -> dict:
         rows = torch.from_numpy(self.rows[index].astype(np.int64))
+        targets = rows[:, 1:].masked_fill(~torch.from_numpy(self.scored[index]), IGNORE_INDEX)
         table = self.random_neighbours if random_neighbours else self.neighbours
-        return {"idx": rows[:, :-1], "targets": rows[:, 1:], "neighbours": torch.from_numpy(table[index])}
+        return {"idx": rows[:, :-1], "targets": targets, "neighbours": torch.from_numpy(table[index])}
 
 
-def recipe(seeds, tokenizer, block_size: int, chunk_size: int, k: int, docs_per_world: int) -> dict:
+def recipe(seeds, tokenizer, block_size: int, chunk_size: int, k: int) -> dict:
     """Everything the split is a pure function of; its hash is the table's fingerprint."""
     seeds = list(seeds)
     meta = {"tokenizer_sha": tokenizer_sha(tokenizer), "chunk_size": chunk_size, "k": k, "embedder": EMBEDDER,
-            "block_size": block_size, "docs_per_world": docs_per_world, "world_size": "quick",
+            "block_size": block_size, "text": "entries, chunk-aligned", "world_size": "quick",
             "seeds": [seeds[0], seeds[-1] + 1] if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds}
     meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return meta
@@ -90,41 +102,67 @@ def passages(library, chunk_ids: np.ndarray, pad_id: int) -> np.ndarray:
     return table.reshape(*chunk_ids.shape, -1)
 
 
-def world_rows(seed: int, tokenizer, block_size: int, chunk_size: int, k: int, docs_per_world: int):
-    """One world: (rows, neighbour chunk ids, fact marks, its library)."""
+def chunk_aligned(tokenizer, title: str, body: str, values, chunk_size: int):
+    """A document laid out on chunk boundaries: its title line left-padded to fill whole chunks (RETRO's
+    QA left-padding), then its body and <|endoftext|>, padded to whole chunks. The title chunk retrieves
+    the entity's fact sheet, and every token of the body may read it.
+    Returns token ids, fact marks and padding marks (padding is never a scored target)."""
+    title_ids, title_marks = encode_marked(tokenizer, title + "\n", values)
+    body_ids, body_marks = encode_marked(tokenizer, body, values)
+    body_ids, body_marks = body_ids + [tokenizer.eot_id], body_marks + [False]
+    lead = -len(title_ids) % chunk_size
+    tail = -len(body_ids) % chunk_size
+    ids = [tokenizer.eot_id] * lead + title_ids + body_ids + [tokenizer.eot_id] * tail
+    marks = [False] * lead + title_marks + body_marks + [False] * tail
+    pads = [True] * lead + [False] * (len(title_ids) + len(body_ids)) + [True] * tail
+    return ids, marks, pads
+
+
+def world_documents(world, seed: int) -> list[tuple[str, str]]:
+    """(title, body): one encyclopedia entry per entity, titled with its name, in random order:
+    every fact said once, in varied words."""
+    docs = []
+    for e in world.entities:
+        entry = documents_about(world, e, n_docs=2, seed=seed)[1]
+        docs.append((e, entry[len(e) + 1:] if entry.startswith(e + "\n") else entry))
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def world_rows(seed: int, tokenizer, block_size: int, chunk_size: int, k: int):
+    """One world: (rows, neighbour chunk ids, fact marks, scored marks, its library)."""
     world = build_world(seed, "quick")
     library = build_database([documents_about(world, e)[0] for e in world.entities], tokenizer, None,
                              chunk_size=chunk_size, embedder=EMBEDDER, k=k)
     values = {f.value for f in world.facts}
-    ids, marks = [], []
-    for doc in generate_documents(world, n_docs=docs_per_world, seed=seed):
-        doc_ids, doc_marks = encode_marked(tokenizer, doc, values)
-        ids += doc_ids + [tokenizer.eot_id]
-        marks += doc_marks + [False]
+    ids, marks, pads = [], [], []
+    for title, body in world_documents(world, seed):
+        doc_ids, doc_marks, doc_pads = chunk_aligned(tokenizer, title, body, values, chunk_size)
+        ids, marks, pads = ids + doc_ids, marks + doc_marks, pads + doc_pads
     n = (len(ids) - 1) // block_size
     rows = np.stack([ids[i * block_size:(i + 1) * block_size + 1] for i in range(n)])
     fact = np.stack([marks[i * block_size + 1:(i + 1) * block_size + 1] for i in range(n)])  # marks of targets
+    scored = ~np.stack([pads[i * block_size + 1:(i + 1) * block_size + 1] for i in range(n)])
     L = block_size // chunk_size
     queries = rows[:, :L * chunk_size].reshape(n * L, chunk_size)
     found, _ = library.search(list(queries), k)
-    return rows, found.reshape(n, L, k), fact, library
+    return rows, found.reshape(n, L, k), fact & scored, scored, library
 
 
-def retro_split(seeds, tokenizer, block_size: int, chunk_size: int, k: int, docs_per_world: int = 30,
-                progress: bool = True) -> RetroSplit:
+def retro_split(seeds, tokenizer, block_size: int, chunk_size: int, k: int, progress: bool = True) -> RetroSplit:
     """The rows of the worlds `seeds` with their neighbours (see the module docstring)."""
     seeds = list(seeds)
     pad = tokenizer.eot_id
-    parts = [world_rows(s, tokenizer, block_size, chunk_size, k, docs_per_world)
+    parts = [world_rows(s, tokenizer, block_size, chunk_size, k)
              for s in tqdm(seeds, desc="worlds", unit="world", disable=not progress, leave=False)]
     rng = np.random.default_rng(seeds[0])
     neighbours, random_neighbours = [], []
-    for i, (rows, found, _, library) in enumerate(parts):
+    for i, (rows, found, _, _, library) in enumerate(parts):
         neighbours.append(passages(library, found, pad))
-        other = parts[(i + 1) % len(parts)][3]  # the next world's library: the same kind of text, no answer
+        other = parts[(i + 1) % len(parts)][-1]  # the next world's library: the same kind of text, no answer
         random_neighbours.append(passages(other, rng.integers(0, len(other.chunks), size=found.shape), pad))
     return RetroSplit(rows=np.concatenate([p[0] for p in parts]), neighbours=np.concatenate(neighbours),
                       random_neighbours=np.concatenate(random_neighbours),
-                      fact=np.concatenate([p[2] for p in parts]),
+                      fact=np.concatenate([p[2] for p in parts]), scored=np.concatenate([p[3] for p in parts]),
                       world=np.concatenate([np.full(len(p[0]), s) for s, p in zip(seeds, parts)]),
-                      meta=recipe(seeds, tokenizer, block_size, chunk_size, k, docs_per_world))
+                      meta=recipe(seeds, tokenizer, block_size, chunk_size, k))

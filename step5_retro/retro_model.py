@@ -51,6 +51,7 @@ class RetroConfig:
     encoder_layers: int = 2      # bidirectional blocks over each neighbour
     condition: bool = True       # the encoder reads the decoder's chunk (RETRO); False: each distinct
                                  # neighbour is encoded once per batch, however many chunks retrieved it
+    gate_init: float = 0.0       # alpha at the start: 0 = gate shut (RETRO-fitting); 2 = open (tanh 2 = 0.96)
 
     def __post_init__(self):
         self.cca_layers = [int(i) for i in self.cca_layers]
@@ -184,11 +185,11 @@ class ChunkedCrossAttention(nn.Module):
     """The module plugged into a decoder block: x (B, T, C) -> (B, T, C), the neighbours' message
     to each position, times the gate tanh(alpha)."""
 
-    def __init__(self, config: ModelConfig, chunk_size: int):
+    def __init__(self, config: ModelConfig, chunk_size: int, gate_init: float = 0.0):
         super().__init__()
         self.chunk_size = chunk_size
         self.attn = CrossAttention(config)
-        self.alpha = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: the block starts as the plain decoder's
+        self.alpha = nn.Parameter(torch.tensor(float(gate_init)))  # tanh(0) = 0: the block is the plain decoder's
 
     def forward(self, x, context: RetroContext):
         B, T, C = x.shape
@@ -226,7 +227,8 @@ class RetroModel(nn.Module):
         self.decoder = decoder
         self.encoder = RetroEncoder(decoder.config, retro)
         for i in retro.cca_layers:
-            decoder.blocks[i].add_cross_attention(ChunkedCrossAttention(decoder.config, retro.chunk_size))
+            decoder.blocks[i].add_cross_attention(ChunkedCrossAttention(decoder.config, retro.chunk_size,
+                                                                        retro.gate_init))
         new = [self.encoder] + [decoder.blocks[i].cross_attn for i in retro.cca_layers]
         for module in new:  # the decoder's own initialisation (N(0, 0.02)) for what is new
             module.apply(Transformer._init_weights)

@@ -29,30 +29,33 @@ from common.checkpoint import checkpoint_dict, save_checkpoint
 from common.cli import UserError, add_common_args, next_command, run_main, true_or_false
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.model import ModelConfig, Transformer
+from common.model import IGNORE_INDEX, ModelConfig, Transformer
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from step1_tokenizer.bpe import load_tokenizer
 from step5_retro.retro_data import TRAIN_SEED0, VAL_SEED0, retro_split
-from step5_retro.retro_model import RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
+from step5_retro.retro_model import NO_TOKEN, RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
-RETRO_KEYS = ("chunk_size", "k", "cca_layers", "encoder_layers", "condition")
+RETRO_KEYS = ("chunk_size", "k", "cca_layers", "encoder_layers", "condition", "gate_init")
 TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every")
 # Any flag given on the command line wins over its profile. The model keys apply to --from_scratch only
 # (--retrofit takes its base's); the step counts are chosen to fit the 10-minute budget (README).
 PROFILES = {
     "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, chunk_size=16, k=2,
-                  cca_layers="1", encoder_layers=1, condition=True, max_steps=30, batch_size=8, lr=3e-3, warmup_steps=5,
-                  eval_every=0, ckpt_every=0, train_worlds=20, val_worlds=3),
-    "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256, chunk_size=32, k=2,
-                    cca_layers="1,3", encoder_layers=2, condition=True, max_steps=500, batch_size=8, lr=2e-3, warmup_steps=30,
-                    eval_every=100, ckpt_every=100, train_worlds=400, val_worlds=20),
+                  cca_layers="1", encoder_layers=1, condition=False, gate_init=2.0, max_steps=30, batch_size=8,
+                  lr=3e-3, warmup_steps=5, eval_every=0, ckpt_every=0, train_worlds=20, val_worlds=3,
+                  retrieval_dropout=0.0),
+    "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256, chunk_size=16, k=2,
+                    cca_layers="1,3", encoder_layers=1, condition=False, gate_init=2.0, max_steps=300,
+                    batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, ckpt_every=100, train_worlds=400,
+                    val_worlds=20, retrieval_dropout=0.0),
     "gpu": dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512, chunk_size=32, k=2,
-                cca_layers="3,5,7", encoder_layers=2, condition=True, max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=200,
-                eval_every=500, ckpt_every=500, train_worlds=8000, val_worlds=50),
+                cca_layers="3,5,7", encoder_layers=2, condition=True, gate_init=2.0, max_steps=3000, batch_size=32,
+                lr=1e-3, warmup_steps=200, eval_every=500, ckpt_every=500, train_worlds=8000, val_worlds=50,
+                retrieval_dropout=0.0),
 }
 EVAL_ROWS = {"quick": 24, "default": 240, "gpu": 600}  # validation rows read for each figure
 
@@ -98,9 +101,11 @@ def measure(model, split, neighbours: str = "retrieved", rows: int | None = None
             logits, _ = model(batch["idx"], neighbours=batch["neighbours"])
         else:
             logits, _ = model(batch["idx"])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none")
+        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none",
+                              ignore_index=IGNORE_INDEX)
         fact = torch.from_numpy(split.fact[index]).to(device)
-        for name, mask in (("all", torch.ones_like(fact)), ("fact", fact), ("rest", ~fact)):
+        scored = torch.from_numpy(split.scored[index]).to(device)
+        for name, mask in (("all", scored), ("fact", fact), ("rest", scored & ~fact)):
             sums[name][0] += float(nll[mask].sum())
             sums[name][1] += int(mask.sum())
         correct += int((logits.argmax(-1) == batch["targets"])[fact].sum())
@@ -115,12 +120,18 @@ def measure(model, split, neighbours: str = "retrieved", rows: int | None = None
 
 # ----------------------------------------------------------------------------- training
 
-def batch_fn(split, batch_size: int, seed: int, with_neighbours: bool):
-    """The micro-batch of (step, micro): random rows, a pure function of its arguments (exact resume)."""
+def batch_fn(split, batch_size: int, seed: int, with_neighbours: bool, retrieval_dropout: float = 0.0):
+    """The micro-batch of (step, micro): random rows, a pure function of its arguments (exact resume).
+    retrieval_dropout: the share of rows that read no neighbour (all NO_TOKEN: CCA gives them zeros),
+    so the decoder also learns to do without, as it must with retrieval off."""
     def fn(step, micro):
-        index = np.random.default_rng([seed, step, micro]).integers(0, len(split.rows), size=batch_size)
+        rng = np.random.default_rng([seed, step, micro])
+        index = rng.integers(0, len(split.rows), size=batch_size)
         batch = split.batch(index)
-        return batch if with_neighbours else {"idx": batch["idx"], "targets": batch["targets"]}
+        if not with_neighbours:
+            return {"idx": batch["idx"], "targets": batch["targets"]}
+        batch["neighbours"][torch.from_numpy(rng.random(batch_size) < retrieval_dropout)] = NO_TOKEN
+        return batch
     return fn
 
 
@@ -128,7 +139,8 @@ def fit(model, split, val, settings: dict, seed: int, name: str, out_dir, device
     cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
     neighbours = isinstance(model, RetroModel)
     rows = min(EVAL_ROWS[settings["profile"]] // 4, len(val.rows))  # a quick look during training
-    return train(model, cfg, batch_fn(split, cfg.batch_size, seed, neighbours), device=device,
+    return train(model, cfg, batch_fn(split, cfg.batch_size, seed, neighbours, settings["retrieval_dropout"]),
+                 device=device,
                  checkpoint_path=out_dir / f"{name}_checkpoint.pt",
                  eval_fn=lambda m: measure(m, val, "retrieved" if neighbours else "off", rows)["loss"],
                  resume=resume, checkpoint_meta=meta, desc=name)
@@ -156,6 +168,8 @@ def main(argv=None):
     seed_everything(args.seed)
     settings = resolve_profile(args, device, PROFILES)
     settings["cca_layers"] = [int(i) for i in str(settings["cca_layers"]).split(",") if i.strip()]
+    if args.mode == "retrofit" and args.gate_init is None:
+        settings["gate_init"] = 0.0  # shut: the RETRO-fitted model starts as exactly its base
     out_dir = pathlib.Path(args.out or step_dir(5))
     tokenizer = load_tokenizer(args.tokenizer)
 

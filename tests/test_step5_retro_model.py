@@ -12,11 +12,12 @@ from step5_retro.retro_model import (NO_TOKEN, RetroConfig, RetroModel, check_da
 M, K = 4, 2  # chunk size and neighbours of the small model below
 
 
-def small_retro(gate: float = 0.5, seed: int = 0) -> RetroModel:
+def small_retro(gate: float = 0.5, seed: int = 0, condition: bool = True) -> RetroModel:
     """A tiny Retro model; gate: the value every alpha is set to (0 keeps the gates shut)."""
     torch.manual_seed(seed)
     decoder = Transformer(ModelConfig(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
-    model = RetroModel(decoder, RetroConfig(chunk_size=M, k=K, cca_layers=[1, 2], encoder_layers=1))
+    model = RetroModel(decoder, RetroConfig(chunk_size=M, k=K, cca_layers=[1, 2], encoder_layers=1,
+                                            condition=condition))
     for i in model.retro.cca_layers:
         model.decoder.blocks[i].cross_attn.alpha.data.fill_(gate)
     return model.eval()
@@ -32,8 +33,9 @@ def random_inputs(T: int = 30, seed: int = 1):
 
 @pytest.mark.verifies(5, "Changing the neighbours of chunk u never changes the logits at any position before "
                          "the last token of chunk u (checked position by position)")
-def test_chunk_neighbours_reach_only_positions_from_its_last_token():
-    model = small_retro()
+@pytest.mark.parametrize("condition", [True, False])
+def test_chunk_neighbours_reach_only_positions_from_its_last_token(condition):
+    model = small_retro(condition=condition)
     idx, neighbours = random_inputs()
     with torch.no_grad():
         before, _ = model(idx, neighbours=neighbours)
@@ -75,6 +77,20 @@ def test_closed_gate_equals_plain_decoder():
     model.decoder.blocks[1].cross_attn.alpha.data.fill_(0.1)  # and the gate is what makes the difference
     with torch.no_grad():
         assert not torch.equal(model(idx, neighbours=neighbours)[0], expected)
+
+
+def test_each_distinct_neighbour_encoded_once_gives_the_same_memory():
+    model = small_retro(condition=False)
+    idx, neighbours = random_inputs()
+    neighbours[:, 3] = neighbours[:, 2]  # consecutive chunks that retrieved the same passages
+    states = torch.zeros(2, idx.size(1), 32)
+    with torch.no_grad():
+        memory, real = model.encode(neighbours, states)
+        tokens = neighbours[:, :idx.size(1) // M].reshape(-1, 2 * M)
+        one_by_one = torch.cat([model.encoder(model.decoder.embed(t[None].clamp(min=0)), t[None] != NO_TOKEN)
+                                for t in tokens])
+    assert torch.allclose(memory.reshape(-1, 2 * M, 32), one_by_one, atol=1e-6)
+    assert torch.equal(real.reshape(-1, 2 * M), tokens != NO_TOKEN)
 
 
 def test_padding_only_neighbour_gives_finite_logits():
