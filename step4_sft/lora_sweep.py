@@ -137,6 +137,8 @@ def main(argv=None):
         ranks = [int(r) for r in ranks_text.split(",")]
     except ValueError:
         raise UserError(f"--ranks {ranks_text!r}: write whole numbers separated by commas, e.g. 1,8,64") from None
+    if min(ranks) < 1:
+        raise UserError(f"--ranks {ranks_text!r}: every rank must be at least 1")
     plans = planned_runs(args, ranks)
     args.out = args.out or str(step_dir(4) / "lora_sweep")
     run = setup(args, PROFILES)

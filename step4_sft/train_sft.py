@@ -2,6 +2,8 @@
 
     python step4_sft/train_sft.py                                  # out/step3/model.pt -> out/step4/sft_model.pt
     python step4_sft/train_sft.py --data my_chats.jsonl --max_steps 2000   # -> out/step4/my_chats/sft_model.pt
+    python step4_sft/train_sft.py --epochs 1                       # one pass over the conversations, shuffled
+    python step4_sft/train_sft.py --data a.jsonl:0.7,b.jsonl:0.3   # a blend: 70 % of the conversations from a
     python step4_sft/train_sft.py --quick                          # seconds: a smoke test
 
 Pretraining and SFT use the same model, the same next-token loss and the same
