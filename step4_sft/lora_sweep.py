@@ -30,6 +30,7 @@ from common.cli import UserError, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
+from common.seed import seed_everything
 from step3_pretrain.data import load_tokens
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 from step4_sft.eval_sft import evaluate, load_eval_records
@@ -65,6 +66,7 @@ def train_and_score(plan: dict, run: dict, args, base_state: dict, records, val_
     """Fine-tune the base model as `plan` says, score it, and put the base weights back."""
     model, tokenizer = run["model"], run["tokenizer"]
     model.load_state_dict(base_state)
+    seed_everything(args.seed)  # as each script starts: LoRA's A drawn as train_lora.py draws it
     lora = "rank" in plan
     profiles = LORA_PROFILES if lora else PROFILES
     settings = run_settings(args, run["device"], profiles, len(run["examples"]), run["dist"].world_size)
