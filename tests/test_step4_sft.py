@@ -519,7 +519,8 @@ def test_check_counts_what_training_keeps_and_the_quick_conversations_fit_the_qu
     path = files / "sft_train.jsonl"
     result = sft_data.main(["--check", str(path), "--tokenizer", str(files / "tokenizer.json"),
                             "--checkpoint", str(files / "base.pt")])
-    assert f"context: 128 tokens (the block size of {files / 'base.pt'}, as training uses it)" in capsys.readouterr().out
+    assert (f"context: 128 tokens (the block size of {files / 'base.pt'}, as training uses it)"
+            in capsys.readouterr().out)
     assert result["examples"] == len(load_examples(path, tok, 128 + 1, verbose=False))
     result = sft_data.main(["--quick", "--check", str(path), "--tokenizer", str(quick_run.tokenizer),
                             "--checkpoint", str(quick_run.model)])
@@ -672,7 +673,8 @@ def test_a_blend_takes_each_source_by_its_weight_and_says_what_each_gave(tok, fi
     assert blend_name("data/a.jsonl:0.7,b.jsonl:0.3") == "blend_a_b"  # its run writes to out/step4/blend_a_b/
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"  # OpenAI's format; ours with a broken line
     a.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
-                                                  {"role": "assistant", "content": f"{i}."}]}) + "\n" for i in range(9)))
+                                                  {"role": "assistant", "content": f"{i}."}]}) + "\n"
+                         for i in range(9)))
     b.write_text("{not json\n" + "".join(json.dumps({"conversations": [{"role": "user", "content": f"Add {i} and 1."},
                                                                       {"role": "assistant", "content": f"{i + 1}."}]})
                                          + "\n" for i in range(3)))
