@@ -307,3 +307,14 @@ def test_notebook_runs():
     assert "patch embedding as one matrix == the conv: True" in text
     assert "same embeddings as vision.py: True" in text
     assert has_image(notebook)
+
+
+def test_lora_stage2_trains_only_adapters_and_saves_a_plain_model(quick_run, tmp_path):
+    result = train_vlm.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer),
+                             "--out", str(tmp_path), "--lora_r", "4", "--stage1_steps", "2", "--stage2_steps", "3"])
+    vision_params = result["params"]["encoder"] + result["params"]["projector"]
+    lora_params = result["stage2"]["trainable_params"] - vision_params
+    assert 0 < lora_params < result["params"]["language_model"] / 4  # the adapters, not the whole LM
+    assert result["stage2_lm"] == "lora r=4"
+    vlm = load_vlm(result["model_path"])  # merged: the same keys as a model trained without LoRA
+    assert not any("lora" in key for key in vlm.state_dict())
