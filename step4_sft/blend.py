@@ -12,6 +12,11 @@ The result is shuffled. A source may be in any format step 4's loader reads (dat
 Step 4's training scripts blend through here (their --data takes a blend), and so do step 5's
 open-book fine-tune and Retro's instruction tuning.
 """
+
+if __name__ == "__main__":  # run as a file: say what this is, before the imports below fail
+    raise SystemExit("step4_sft/blend.py is a module, not a script: "
+                     "step4_sft/train_sft.py --data a.jsonl:0.7,b.jsonl:0.3 uses it")
+
 import pathlib
 import random
 import re
