@@ -6,6 +6,7 @@ every answer position is the right token. So one batched forward pass scores man
 Only the LAST answer of a conversation is scored: for a follow-up ("Is there a circle?" "yes"
 "What colour is it?") that is the colour, the answer that needs the turn before.
 """
+import textwrap
 from collections import defaultdict
 
 import numpy as np
@@ -91,7 +92,7 @@ def answer(vlm, tokenizer, messages: list[dict], images: torch.Tensor, max_new_t
 def plot_grid(cells, path, title: str, columns: int = 4):
     """cells: (pixels, text, right) triples; right True/False colours the text green/red, None black."""
     rows = -(-len(cells) // columns)
-    fig, axes = new_figure(3.2 * columns / 1.3, 3.0 * rows / 1.1 + 0.4, ncols=1)
+    fig, _ = new_figure(2.6 * columns, 3.4 * rows + 0.4, ncols=1)
     fig.clf()
     for i, (pixels, text, right) in enumerate(cells):
         ax = fig.add_subplot(rows, columns, i + 1)
@@ -99,7 +100,8 @@ def plot_grid(cells, path, title: str, columns: int = 4):
         ax.set_xticks([])
         ax.set_yticks([])
         colour = {True: "green", False: "red", None: "black"}[right]
-        ax.set_xlabel(text, fontsize=7, color=colour, wrap=True)
+        wrapped = "\n".join(textwrap.fill(line, 34) for line in text.splitlines())
+        ax.set_xlabel(wrapped, fontsize=7, color=colour)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
