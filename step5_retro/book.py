@@ -65,13 +65,31 @@ def retrieve_passages(db, question: str, k: int) -> tuple[list[int], list[float]
     return [i for i, _ in kept], [s for _, s in kept], [db.passage(i) for i, _ in kept]
 
 
+def renamed_world(world, names_from, rng):
+    """`world` with its entities renamed to entities of `names_from` of the same kind (drawn at random):
+    the same made-up facts, told about names a model has met with other facts."""
+    from common.world.world import Fact, World
+
+    mapping = {}
+    for kind in ("place", "person", "creature"):
+        mine = world.names(kind)
+        mapping.update(zip(mine, rng.sample(names_from.names(kind), len(mine))))
+    facts = [Fact(mapping[f.entity], f.relation, mapping.get(f.value, f.value)) for f in world.facts]
+    return World(world.seed, world.size, {mapping[n]: k for n, k in world.entities.items()}, facts,
+                 {mapping[n]: p for n, p in world.pronouns.items()})
+
+
 def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int = 32, k: int = 2,
-                      avoid=(), first_world: int = 1000, size: str = "quick") -> list[dict]:
+                      avoid=(), first_world: int = 1000, size: str = "quick", known=None,
+                      known_share: float = 0.0) -> list[dict]:
     """`n_examples` conversations {"task": "open_book", "kind", "world_seed", "fact", "conversations"}:
     passages retrieved from a re-drawn world's database, a question, the answer in step 4's words.
     Worlds that would name any of `avoid` (the database-only newcomers) are skipped; so is a question
     whose passages do not hold its answer (the reader must never learn to answer without reading).
-    The passages come in a random order, so the answer's passage is not always the first."""
+    The passages come in a random order, so the answer's passage is not always the first.
+    known_share: this share of the worlds is renamed to the entities of `known` (the world the model
+    was pretrained on): its names with made-up facts, so the passages disagree with what the model
+    remembers and only reading gets the answer (the lesson an edited database needs)."""
     from step5_retro.database import build_database
 
     rng, records, world_seed = random.Random(seed), [], first_world + 10_000 * seed
@@ -79,6 +97,9 @@ def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int
     while len(records) < n_examples:
         world_seed += 1
         world = build_world(world_seed, size)
+        renamed = known is not None and rng.random() < known_share
+        if renamed:
+            world = renamed_world(world, known, rng)
         if avoid & set(world.entities):
             continue
         titles, documents = book_documents(world)
@@ -92,6 +113,7 @@ def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int
                 continue
             rng.shuffle(passages)
             records.append({"task": "open_book", "kind": fact.relation, "world_seed": world_seed,
+                            "renamed": renamed,
                             "fact": [fact.entity, fact.relation, fact.value], "conversations":
                             open_book_messages(question, passages) + [{"role": "assistant", "content": answer}]})
             if len(records) == n_examples:

@@ -24,8 +24,6 @@ from step5_retro.book import (book_documents, edit_book, extended_world, holds_f
 from step5_retro.database import build_database, load_database, tokenizer_sha
 from step5_retro.scoring import exact_match, normalize, token_f1
 
-STEP = 5
-
 
 @pytest.fixture(scope="module")
 def tok():
@@ -49,7 +47,7 @@ def db_dir(tok, book, tmp_path_factory):
 
 # ----------------------------------------------------------------------------- the database
 
-@pytest.mark.verifies(STEP, "Chunks never cross document boundaries")
+@pytest.mark.verifies(5, "Chunks never cross document boundaries")
 def test_chunks_never_cross_documents(tok, book, db_dir):
     db = load_database(db_dir, tok)
     documents = book[3]
@@ -64,7 +62,7 @@ def test_chunks_never_cross_documents(tok, book, db_dir):
         assert db.continuation[rows].tolist() == rows[1:].tolist() + [-1]  # the next chunk of the same document
 
 
-@pytest.mark.verifies(STEP, "No training chunk has a neighbour from its own document")
+@pytest.mark.verifies(5, "No training chunk has a neighbour from its own document")
 def test_no_chunk_has_a_neighbour_from_its_own_document(tok, db_dir):
     db = load_database(db_dir, tok)
     assert db.neighbours.shape == (len(db), 2) and (db.neighbours >= 0).all()
@@ -74,7 +72,7 @@ def test_no_chunk_has_a_neighbour_from_its_own_document(tok, db_dir):
     assert (ids == db.neighbours[:10]).all()
 
 
-@pytest.mark.verifies(STEP, "The exact index returns each chunk as its own nearest neighbour")
+@pytest.mark.verifies(5, "The exact index returns each chunk as its own nearest neighbour")
 @pytest.mark.parametrize("embedder", ["tfidf", "model"])
 def test_exact_index_finds_each_chunk_itself(embedder, quick_run, book):
     from step1_tokenizer.bpe import load_tokenizer
@@ -92,7 +90,7 @@ def test_exact_index_finds_each_chunk_itself(embedder, quick_run, book):
     assert np.allclose(scores[:, 0], 1.0, atol=1e-4)  # cosine of a unit vector with itself
 
 
-@pytest.mark.verifies(STEP, "A database built with another tokenizer or chunk size is refused")
+@pytest.mark.verifies(5, "A database built with another tokenizer or chunk size is refused")
 def test_other_tokenizer_or_chunk_size_is_refused(tok, db_dir):
     with pytest.raises(UserError, match="built with another tokenizer.*build_db.py"):
         load_database(db_dir, Tokenizer([]))
@@ -137,7 +135,7 @@ def test_an_ivf_index_is_trained_then_filled_and_saved(tok, book, tmp_path):
 
 # ----------------------------------------------------------------------------- the book
 
-@pytest.mark.verifies(STEP, "Held-out entities appear in the database and in no training text")
+@pytest.mark.verifies(5, "Held-out entities appear in the database and in no training text")
 def test_newcomers_are_only_in_the_database():
     for quick in (False, True):  # each profile's newcomers, against the text that profile trains on
         training_text = generated_documents(quick) + [json.dumps(make_datasets(quick=quick))]
@@ -161,7 +159,7 @@ def test_newcomers_keep_every_existing_fact():
     assert links <= set(base.names("place")) | names  # existing towns, or other newcomers
 
 
-@pytest.mark.verifies(STEP, "Editing the database changes the retrieved passage and the answer without "
+@pytest.mark.verifies(5, "Editing the database changes the retrieved passage and the answer without "
                             "changing any weight")
 def test_edit_changes_passage_and_answer_not_weights(quick_run, tmp_path):
     from step1_tokenizer.bpe import load_tokenizer
@@ -241,6 +239,18 @@ def test_open_book_examples_hold_their_answer_only_in_their_passages(tok, book):
         counterfactual += real.get(fact.entity, fact.relation, fact.value) != fact.value
     assert len(records) == 150 and len({r["world_seed"] for r in records}) > 1
     assert counterfactual > 0  # known names with facts other than the training world's: read, do not recall
+
+
+def test_renamed_worlds_tell_made_up_facts_about_known_names(tok):
+    real = build_world(0, "quick")
+    records = open_book_records(tok, 40, seed=0, chunk_size=32, k=2, known=real, known_share=1.0)
+    assert all(r["renamed"] for r in records)
+    facts = [Fact(*r["fact"]) for r in records]
+    assert all(f.entity in real.entities for f in facts)  # every name is one step 3 read about
+    for r, f in zip(records, facts):
+        assert f.value in r["conversations"][0]["content"] and f.value in r["conversations"][1]["content"]
+    differ = sum(real.get(f.entity, f.relation) != f.value for f in facts)
+    assert differ > len(facts) // 2  # mostly not what the pretrained model remembers
 
 
 def test_blend_draws_each_source_by_its_weight():
@@ -324,7 +334,7 @@ def test_a_missing_chat_model_says_what_to_run(quick_run, tmp_path):
                             "--out", str(tmp_path)])
 
 
-@pytest.mark.verifies(STEP, "The step 5 notebook runs top to bottom")
+@pytest.mark.verifies(5, "The step 5 notebook runs top to bottom")
 def test_notebook_runs():
     from tests.notebooks import outputs_text, run_notebook
 
