@@ -8,8 +8,8 @@ Step 4's model was never shown passages, and steps 3 and 4 found that a small mo
 from its context on its own. So it is shown thousands of questions whose answer is ONLY in the
 passages: each comes from a re-drawn world (book.open_book_records), where every name has new facts,
 so nothing can be memorised and the model must read. Some of these worlds are renamed to step 3's own
-entities (--known_share), so the passages contradict what the model remembers: the lesson an edited
-database needs, that the book wins. These are blended by weight (step4_sft/blend.py, the idea
+entities if you ask (--known_share), so the passages contradict what the model remembers; measured,
+it did not make edits stick and cost ordinary facts (EXPERIMENTS.md), so the default is 0. These are blended by weight (step4_sft/blend.py, the idea
 of Megatron's open_inst.sh) with step 4's own conversations, so it keeps its other skills. The
 training itself is step 4's: the same template, answer-only loss, replay and loop (step4_sft/sft.py).
 """
@@ -42,7 +42,7 @@ PROFILES = {
 EXAMPLES = {"quick": 200, "default": 8000}   # open-book conversations generated; the blend holds as many in all
 EVAL_EXAMPLES = {"quick": 16, "default": 200}
 DEFAULT_BLEND = "open_book:0.8,step4:0.2"  # chosen by measurement (EXPERIMENTS.md)
-KNOWN_SHARE = 0.5  # share of re-drawn worlds renamed to step 3's entities: the book against the weights
+KNOWN_SHARE = 0.0  # share of re-drawn worlds renamed to step 3's entities (EXPERIMENTS.md: 0.5 hurt)
 REPLAY_ROWS = 2  # rows of step 3's text per batch (step 4 uses 4): more of each step goes to reading
 MAKE_CHAT_MODEL = "python step4_sft/train_sft.py"
 
@@ -87,7 +87,7 @@ def main(argv=None):
     if not 0 <= args.known_share <= 1:
         raise UserError(f"--known_share must be between 0 and 1, not {args.known_share}")
     shape = dict(chunk_size=CHUNK_SIZE[profile], k=READER_K[profile], avoid=avoid,  # as build_db.py and ask.py
-                 known=build_world(args.seed, profile), known_share=args.known_share)
+                 known=build_world(args.seed, profile) if args.known_share else None, known_share=args.known_share)
     write_jsonl(open_book_records(tokenizer, n_examples, seed=args.seed, **shape), out_dir / "open_book_train.jsonl")
     eval_path = out_dir / "open_book_eval.jsonl"  # other worlds: a validation loss on unseen facts
     write_jsonl(open_book_records(tokenizer, EVAL_EXAMPLES[profile], seed=args.seed + 1, **shape), eval_path)
