@@ -216,7 +216,8 @@ def main(argv=None):
     rows = EVAL_ROWS[settings["profile"]]
     figures = {mode: measure(model, val, mode, rows) for mode in NEIGHBOUR_MODES}
     plain_figures = measure(plain, val, "off", rows) if plain is not None else None
-    metrics = {"profile": settings["profile"], "device": str(device), "train_seconds": result["train_seconds"],
+    metrics = {"profile": settings["profile"], "settings": {k: settings[k] for k in sorted(settings) if k != "profile"},
+               "device": str(device), "train_seconds": result["train_seconds"],
                "plain_train_seconds": plain_seconds, "steps": result["steps"], "trainable_params": n_train,
                "train_tokens": result["train_tokens"], "gates": [round(g, 4) for g in model.gates()],
                "retro": figures, "plain": plain_figures,
@@ -230,7 +231,8 @@ def main(argv=None):
         write_metrics(5, {args.mode: metrics}, section="retro")
     print_report(metrics)
     print(f"saved {out_dir / (name + '.pt')}, loss curves in {plot}")
-    print(f"next: {next_command('python step5_retro/train_retro.py --retrofit' if args.mode == 'from_scratch' else 'python step5_retro/eval_retrieval.py')}")
+    if args.mode == "from_scratch":
+        print(f"next: {next_command('python step5_retro/train_retro.py --retrofit')}")
     return {**result, **metrics, "model": model, "plain_model": plain, "val": val}
 
 
@@ -239,7 +241,8 @@ def print_report(metrics: dict) -> None:
             for mode in NEIGHBOUR_MODES]
     if metrics["plain"] is not None:
         rows.append(("plain model", metrics["plain"]))
-    print(f"{'validation worlds (never trained on)':38s} {'ppl':>8s} {'fact ppl':>9s} {'fact acc':>9s} {'rest ppl':>9s}")
+    header = "validation worlds (never trained on)"
+    print(f"{header:38s} {'ppl':>8s} {'fact ppl':>9s} {'fact acc':>9s} {'rest ppl':>9s}")
     for label, f in rows:
         print(f"{label:38s} {f['ppl']:8.3f} {f['fact_ppl']:9.3f} {f['fact_acc']:9.1%} {f['rest_ppl']:9.3f}")
     print(f"gates tanh(alpha): {metrics['gates']}")
