@@ -317,8 +317,9 @@ class Database:
         for name, value in self.embedder.state().items():
             save_array_atomically(value, self.out_dir / f"{name}.npy")
         write_index_atomically(self.index, self.out_dir / "index.faiss")
-        atomic_write_text(self.out_dir / "documents.jsonl", "".join(
-            json.dumps({"title": t, "text": d}, ensure_ascii=False) + "\n" for t, d in zip(self.titles, self.documents)))
+        records = [{"title": t, "text": d} for t, d in zip(self.titles, self.documents)]
+        atomic_write_text(self.out_dir / "documents.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         atomic_write_text(self.out_dir / "meta.json", json.dumps(self.meta, indent=2) + "\n")
 
 

@@ -183,7 +183,8 @@ def main(argv=None):
     if open_path.exists():
         readers["open_book_sft"] = (open_path, True)
     else:
-        print(f"{open_path} not found: no open-book SFT row (run {next_command('python step5_retro/sft_open_book.py')})")
+        make = next_command("python step5_retro/sft_open_book.py")
+        print(f"{open_path} not found: no open-book SFT row (run {make})")
     models = {path: load_chat_model(path, device=device) for path, _ in readers.values()}
     replies = {}
     for reader, (path, with_passages) in readers.items():
@@ -196,7 +197,8 @@ def main(argv=None):
                         f"qa_f1_{reader}_ordinary": mean(old_rows, "f1"),
                         f"qa_sentence_em_{reader}_ordinary": mean(old_rows, "sentence_em")})
         print(f"{reader:>14}: database-only EM {100 * metrics[f'qa_em_{reader}']:.1f} % "
-              f"(F1 {100 * metrics[f'qa_f1_{reader}']:.1f}), ordinary EM {100 * metrics[f'qa_em_{reader}_ordinary']:.1f} %")
+              f"(F1 {100 * metrics[f'qa_f1_{reader}']:.1f}), "
+              f"ordinary EM {100 * metrics[f'qa_em_{reader}_ordinary']:.1f} %")
 
     # The edit: a copy of the database in memory (out_dir None: nothing saved), the same readers' weights.
     edited = load_database(db_dir, tokenizer)

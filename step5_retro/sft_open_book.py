@@ -9,7 +9,8 @@ from its context on its own. So it is shown thousands of questions whose answer 
 passages: each comes from a re-drawn world (book.open_book_records), where every name has new facts,
 so nothing can be memorised and the model must read. Some of these worlds are renamed to step 3's own
 entities if you ask (--known_share), so the passages contradict what the model remembers; measured,
-it did not make edits stick and cost ordinary facts (EXPERIMENTS.md), so the default is 0. These are blended by weight (step4_sft/blend.py, the idea
+it did not make edits stick and cost ordinary facts (EXPERIMENTS.md), so the default is 0.
+These are blended by weight (step4_sft/blend.py, the idea
 of Megatron's open_inst.sh) with step 4's own conversations, so it keeps its other skills. The
 training itself is step 4's: the same template, answer-only loss, replay and loop (step4_sft/sft.py).
 """

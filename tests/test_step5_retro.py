@@ -112,7 +112,8 @@ def test_bad_database_requests_are_clear_errors(tok, book, tmp_path):
     _, _, titles, documents = book
     with pytest.raises(UserError, match="no retrieval database here; run python step5_retro/build_db.py"):
         load_database(tmp_path / "nowhere", tok)
-    with pytest.raises(UserError, match=r"IVF256,Flat: \d+ training vectors for 256 IVF lists.*39 times.*--index IVF\d"):
+    too_few = r"IVF256,Flat: \d+ training vectors for 256 IVF lists.*39 times.*--index IVF\d"
+    with pytest.raises(UserError, match=too_few):
         build_database(documents, tok, None, chunk_size=16, index="IVF256,Flat")
     with pytest.raises(UserError, match=r"IVF4,PQ8: \d+ training vectors, but a product quantiser learns 256 codes"):
         build_database(documents, tok, None, chunk_size=16, index="IVF4,PQ8")
@@ -170,7 +171,8 @@ def test_edit_changes_passage_and_answer_not_weights(quick_run, tmp_path):
     db = load_database(tmp_path, tokenizer)
     world, newcomers = extended_world(quick=True)
     person = newcomers[0]
-    old, new = world.fact(person, "lives_in"), next(p for p in world.names("place") if p != world.fact(person, "lives_in"))
+    old = world.fact(person, "lives_in")
+    new = next(p for p in world.names("place") if p != old)
     question = f"Where does {person} live?"
     passage_before = db.passage(db.search([question], 1)[0][0, 0])
     torch.manual_seed(0)  # a reader whose context holds the whole prompt (the quick model reads only 64 tokens)
@@ -312,7 +314,8 @@ def test_quick_pipeline_writes_every_metric_and_the_chart(pipeline):
     assert (root / "retrieval_qa.png").stat().st_size > 0 and trained["steps"] == 30
     replies = [json.loads(line) for line in (root / "eval_replies.jsonl").open()]
     closed = [r for r in replies if r["reader"] == "closed_book"]
-    assert len(closed) == metrics["n_database_only"] + metrics["n_ordinary"] and all(r["passages"] is None for r in closed)
+    assert len(closed) == metrics["n_database_only"] + metrics["n_ordinary"]
+    assert all(r["passages"] is None for r in closed)
     assert metrics["qa_em_closed_book"] == sum(r["em"] for r in closed[:metrics["n_database_only"]]) / \
         metrics["n_database_only"]
     blended = [json.loads(line) for line in (root / "open_book_blend.jsonl").open()]
@@ -340,6 +343,7 @@ def test_notebook_runs():
 
     text = outputs_text(run_notebook("step5_retro/step5_retro.ipynb"))
     for check in ("the same as database.py: True", "same vectors as database.py: True",
-                  "each chunk's nearest vector is a chunk with the same tokens: True", "same table as database.py: True",
+                  "each chunk's nearest vector is a chunk with the same tokens: True",
+                  "same table as database.py: True",
                   "a neighbour from the chunk's own document: False", "moved from Caldford to Willey: True"):
         assert check in text
