@@ -33,6 +33,8 @@ see `documents_about`) and rewrites facts (`overrides`):
 A held-out name never appears in the generated text. A fact about a visible
 entity whose VALUE is a held-out entity (Arira's best friend is Wendel) is left
 out of the text too: `visible_facts` lists the facts the text does state.
+`add_newcomers(world, 12, 8)` returns the world plus people and creatures whose names occur in no
+text of the corpus at all: step 5 stores them only in its database, without retraining steps 3 and 4.
 
 Run `python common/world/world.py` to see a sample.
 """
