@@ -37,13 +37,17 @@ import torch
 from tqdm import tqdm
 
 from common.model import IGNORE_INDEX
-from common.world.world import build_world, documents_about
+from common.world.world import (CREATURE_COLORS, FAVORITE_COLORS, FOODS, KNOWN_FOR, PROFESSIONS, REGIONS, SPECIES,
+                                WEATHERS, apply_overrides, build_world, documents_about)
 from step5_retro.database import build_database, tokenizer_sha
 from step5_retro.retro_model import NO_TOKEN
 
 TRAIN_SEED0 = 1_000     # training worlds are build_world(seed) for seed = 1000, 1001, ...
 VAL_SEED0 = 900_000     # validation worlds: seeds no training world uses
 EMBEDDER = "tfidf"      # part 1 measured lexical overlap to retrieve best at this scale (README)
+TEXTS = ("fresh", "variants")  # re-drawn worlds; or world 0's own entities with re-drawn values
+REDRAWN = {"profession": list(PROFESSIONS), "favorite_color": FAVORITE_COLORS, "region": REGIONS,
+           "known_for": KNOWN_FOR, "weather": WEATHERS, "species": SPECIES, "color": CREATURE_COLORS, "food": FOODS}
 
 
 @dataclass
@@ -63,11 +67,11 @@ class RetroSplit:
         return {"idx": rows[:, :-1], "targets": targets, "neighbours": torch.from_numpy(table[index])}
 
 
-def recipe(seeds, tokenizer, block_size: int, chunk_size: int, k: int) -> dict:
+def recipe(seeds, tokenizer, block_size: int, chunk_size: int, k: int, text: str, size: str) -> dict:
     """Everything the split is a pure function of; its hash is the table's fingerprint."""
     seeds = list(seeds)
     meta = {"tokenizer_sha": tokenizer_sha(tokenizer), "chunk_size": chunk_size, "k": k, "embedder": EMBEDDER,
-            "block_size": block_size, "text": "entries, chunk-aligned", "world_size": "quick",
+            "block_size": block_size, "text": text, "world_size": "quick" if text == "fresh" else size,
             "seeds": [seeds[0], seeds[-1] + 1] if seeds == list(range(seeds[0], seeds[-1] + 1)) else seeds}
     meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     return meta
@@ -129,9 +133,20 @@ def world_documents(world, seed: int) -> list[tuple[str, str]]:
     return docs
 
 
-def world_rows(seed: int, tokenizer, block_size: int, chunk_size: int, k: int):
+def make_world(seed: int, text: str = "fresh", size: str = "quick"):
+    """"fresh": build_world(seed), new names and values. "variants": world 0 of `size` (the world step 3
+    read) with every value that is not a name re-drawn: a model that memorised world 0 knows the names
+    but is wrong about most values, which only the library has right (for RETRO-fitting step 3's model)."""
+    if text == "fresh":
+        return build_world(seed, "quick")
+    world, rng = build_world(0, size), random.Random(seed)
+    return apply_overrides(world, {(f.entity, f.relation): rng.choice(REDRAWN[f.relation])
+                                   for f in world.facts if f.relation in REDRAWN})
+
+
+def world_rows(seed: int, tokenizer, block_size: int, chunk_size: int, k: int, text: str, size: str):
     """One world: (rows, neighbour chunk ids, fact marks, scored marks, its library)."""
-    world = build_world(seed, "quick")
+    world = make_world(seed, text, size)
     library = build_database([documents_about(world, e)[0] for e in world.entities], tokenizer, None,
                              chunk_size=chunk_size, embedder=EMBEDDER, k=k)
     values = {f.value for f in world.facts}
@@ -149,11 +164,12 @@ def world_rows(seed: int, tokenizer, block_size: int, chunk_size: int, k: int):
     return rows, found.reshape(n, L, k), fact & scored, scored, library
 
 
-def retro_split(seeds, tokenizer, block_size: int, chunk_size: int, k: int, progress: bool = True) -> RetroSplit:
-    """The rows of the worlds `seeds` with their neighbours (see the module docstring)."""
+def retro_split(seeds, tokenizer, block_size: int, chunk_size: int, k: int, text: str = "fresh",
+                size: str = "quick", progress: bool = True) -> RetroSplit:
+    """The rows of the worlds `seeds` with their neighbours (see the module docstring and make_world)."""
     seeds = list(seeds)
     pad = tokenizer.eot_id
-    parts = [world_rows(s, tokenizer, block_size, chunk_size, k)
+    parts = [world_rows(s, tokenizer, block_size, chunk_size, k, text, size)
              for s in tqdm(seeds, desc="worlds", unit="world", disable=not progress, leave=False)]
     rng = np.random.default_rng(seeds[0])
     neighbours, random_neighbours = [], []
@@ -165,4 +181,4 @@ def retro_split(seeds, tokenizer, block_size: int, chunk_size: int, k: int, prog
                       random_neighbours=np.concatenate(random_neighbours),
                       fact=np.concatenate([p[2] for p in parts]), scored=np.concatenate([p[3] for p in parts]),
                       world=np.concatenate([np.full(len(p[0]), s) for s, p in zip(seeds, parts)]),
-                      meta=recipe(seeds, tokenizer, block_size, chunk_size, k))
+                      meta=recipe(seeds, tokenizer, block_size, chunk_size, k, text, size))

@@ -35,7 +35,7 @@ from common.plot import new_figure, save_figure
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from step1_tokenizer.bpe import load_tokenizer
-from step5_retro.retro_data import TRAIN_SEED0, VAL_SEED0, retro_split
+from step5_retro.retro_data import TEXTS, TRAIN_SEED0, VAL_SEED0, retro_split
 from step5_retro.retro_model import NO_TOKEN, RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
@@ -73,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="output folder (default out/step5)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted Retro run exactly")
     parser.add_argument("--no_plain", action="store_true", help="--from_scratch without the plain twin")
+    parser.add_argument("--text", choices=TEXTS, default=None,
+                        help="fresh: re-drawn worlds (default from scratch); variants: world 0's entities with "
+                             "re-drawn values (default for --retrofit: names the base can read, values it cannot know)")
     for key, value in PROFILES["default"].items():
         parser.add_argument(f"--{key}", type=true_or_false if isinstance(value, bool) else type(value), default=None,
                             help=f"default {value} (quick: {PROFILES['quick'][key]})")
@@ -190,10 +193,11 @@ def main(argv=None):
     if args.mode == "retrofit":
         model.freeze_base()
 
-    train_split = retro_split(range(TRAIN_SEED0, TRAIN_SEED0 + settings["train_worlds"]), tokenizer,
-                              block_size, retro.chunk_size, retro.k)
-    val = retro_split(range(VAL_SEED0, VAL_SEED0 + settings["val_worlds"]), tokenizer, block_size,
-                      retro.chunk_size, retro.k)
+    text = args.text or ("variants" if args.mode == "retrofit" else "fresh")
+    data = dict(tokenizer=tokenizer, block_size=block_size, chunk_size=retro.chunk_size, k=retro.k, text=text,
+                size="quick" if args.quick else "default")
+    train_split = retro_split(range(TRAIN_SEED0, TRAIN_SEED0 + settings["train_worlds"]), **data)
+    val = retro_split(range(VAL_SEED0, VAL_SEED0 + settings["val_worlds"]), **data)
     check_database(train_split.meta, val.meta, "validation neighbours")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.mode} ({settings['profile']} profile on {device}): {len(train_split.rows):,} training rows "

@@ -215,3 +215,19 @@ def test_bad_inputs_are_refused_with_clear_errors(quick_run, retrofit_run, tmp_p
     with pytest.raises(UserError, match=r"a Retro checkpoint where a plain model is expected"):
         train_retro.main(["--quick", "--retrofit", "--tokenizer", str(quick_run.tokenizer),
                           "--base", str(out / "retro_retrofit.pt"), "--out", str(tmp_path)])
+
+
+def test_variants_keep_world_0_s_names_and_redraw_its_values():
+    from common.world.world import LINKS, build_world
+    from step5_retro.retro_data import REDRAWN, make_world
+
+    base = build_world(0, "quick")
+    variants = [make_world(seed, "variants", "quick") for seed in (1, 2)]
+    for variant in variants:
+        assert variant.entities == base.entities
+        for old, new in zip(base.facts, variant.facts):
+            assert (old.entity, old.relation) == (new.entity, new.relation)
+            assert new.value in REDRAWN[new.relation] if new.relation in REDRAWN else new.value == old.value
+            assert new.relation in REDRAWN or new.relation in LINKS
+    changed = sum(o.value != n.value for o, n in zip(variants[0].facts, variants[1].facts))
+    assert changed > len(base.facts) // 3  # two variants disagree on many values
