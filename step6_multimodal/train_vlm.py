@@ -54,7 +54,7 @@ PROFILES = {
 
 # --quick's language model has a 64-token context: 8x8-pixel patches, folded 2x2, leave 4 image
 # positions per picture (the default encoder's 16 would not leave room for a question).
-QUICK_VISION = VisionConfig(patch_size=8, stem_width=8, width=32, n_layer=1, n_head=2, projector_hidden=64)
+QUICK_VISION = VisionConfig(patch_size=8, width=32, n_layer=1, n_head=2, projector_hidden=64)
 
 
 def add_args(parser):

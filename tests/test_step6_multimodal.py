@@ -123,7 +123,7 @@ def test_stage1_freezes_language_model(quick_run, tmp_path):
 
 @pytest.mark.verifies(STEP, "The projector maps the encoder's width to the model's width")
 def test_projector_widths():
-    vision = VisionConfig(width=48, n_head=4)
+    vision = VisionConfig(width=48, n_head=4, stem_width=8, norm_output=True)  # the options too
     vlm = tiny_vlm(vision=vision)
     images = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
     seen = vlm.encoder(images)
