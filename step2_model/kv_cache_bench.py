@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 from dataclasses import replace
 
 import torch
+from tqdm import tqdm
 
 from common.cli import UserError, add_common_args, add_model_args, config_from_args, run_main
 from common.device import pick_device
@@ -107,10 +108,15 @@ def main(argv=None):
     for use_cache in (False, True):  # warm-up: the first calls pay for allocations and kernel choice
         time_generation(model, prompt, 4, use_cache, device)
     best = {}
+    progress = tqdm(total=2 * args.repeats, desc="timing generation", leave=False)
     for use_cache in (False, True):
-        runs = [time_generation(model, prompt, args.new_tokens, use_cache, device) for _ in range(args.repeats)]
+        runs = []
+        for _ in range(args.repeats):
+            runs.append(time_generation(model, prompt, args.new_tokens, use_cache, device))
+            progress.update()
         tokens, seconds = min(runs, key=lambda run: sum(run[1]))
         best[use_cache] = (tokens, seconds)
+    progress.close()
     same = torch.equal(best[False][0], best[True][0])
 
     print(f"\n{'mode':<12} {'tokens/s':>10} {'ms/token':>9} {'first token ms':>15} {'last token ms':>14}")

@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch
+from tqdm import tqdm
 
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
@@ -97,7 +98,7 @@ def compare_with_gpt2(rounds: int, steps: int, compile_too: bool) -> dict:
                 break
             runs[f"{name}_compiled"] = (compiled, optimizer)
     tokens_per_sec = {name: [] for name in runs}
-    for round_index in range(rounds):
+    for round_index in tqdm(range(rounds), desc="timing rounds", leave=False):
         order = list(runs) if round_index % 2 == 0 else list(reversed(runs))  # no model always goes first
         for name in order:
             tokens_per_sec[name].append(BATCH_SIZE * shape[1] / time_steps(*runs[name], batch, steps, cpu))

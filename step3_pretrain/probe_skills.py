@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch
+from tqdm import tqdm
 
 from common.checkpoint import load_model
 from common.cli import add_common_args, run_main
@@ -110,7 +111,7 @@ def probe(model, tokenizer, world) -> dict:
     for kind, pairs in (("facts", facts), ("sums", sum_prompts()),
                         ("exam_questions", exam_question_prompts(world)), ("copying", copy_prompts(world))):
         wrong = []
-        for prompt, answer in pairs:
+        for prompt, answer in tqdm(pairs, desc=f"probe {kind}", leave=False):
             # a few tokens more than the answer takes, in case the model spells it in more pieces
             got = greedy_continuation(model, tokenizer, prompt, len(tokenizer.encode(answer)) + 2)
             if not ends_right_after(got, answer):
