@@ -17,6 +17,10 @@ Two choices make the neighbours worth reading (step5_retro/EXPERIMENTS.md measur
   RETRO pads its QA prompts): that chunk retrieves the entity's fact sheet before the first fact.
   Padding is never a scored target.
 
+RETRO-fitting step 3's model needs text it can read: `text="variants"` keeps world 0's entities
+(their names and links, which step 3 memorised) and re-draws every other value, so the base model
+is confidently wrong about them and only the library is right (see make_world).
+
 The library is searched per world: names are re-drawn from a small set of syllables, so the same
 name recurs in other worlds with other facts, and one global search would hand the model another
 world's Lorenwen. Each world is a small database of its own (step5_retro/database.py, TF-IDF, exact
