@@ -24,7 +24,6 @@ from step6_multimodal.images import (IMAGE_SIZE, Shape, draw, load_image, load_p
                                      to_tensor)
 from step6_multimodal.vision import VisionConfig, VisionLanguageModel, load_vlm, pixel_shuffle
 
-STEP = 6
 QUICK_VISION = train_vlm.QUICK_VISION
 
 
@@ -54,7 +53,7 @@ def trained(quick_run):
     return result, out, load_tokenizer(quick_run.tokenizer), quick_run.tokenizer
 
 
-@pytest.mark.verifies(STEP, "The number of image positions equals what the encoder produces")
+@pytest.mark.verifies(6, "The number of image positions equals what the encoder produces")
 @pytest.mark.parametrize("vision", [VisionConfig(), QUICK_VISION], ids=["default", "quick"])
 def test_image_positions_match_encoder(byte_tok, vision):
     vlm = tiny_vlm(vision=vision)
@@ -69,7 +68,7 @@ def test_image_positions_match_encoder(byte_tok, vision):
         vlm(idx, torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE))
 
 
-@pytest.mark.verifies(STEP, "Image positions and user tokens carry no loss (mask checked position by position)")
+@pytest.mark.verifies(6, "Image positions and user tokens carry no loss (mask checked position by position)")
 def test_loss_mask_by_position(byte_tok):
     n = 4
     messages = [{"role": "user", "content": "<image>\nHi?"}, {"role": "assistant", "content": "no"},
@@ -92,7 +91,7 @@ def test_loss_mask_by_position(byte_tok):
     assert last_answer_only(mask) == [0] * (len(mask) - 6) + [1] * 5 + [0]
 
 
-@pytest.mark.verifies(STEP, "Replacing the image changes the answer's logits while the logits of text positions "
+@pytest.mark.verifies(6, "Replacing the image changes the answer's logits while the logits of text positions "
                             "before the image are unchanged")
 def test_image_changes_only_later_logits(byte_tok):
     vlm = tiny_vlm()
@@ -107,7 +106,7 @@ def test_image_changes_only_later_logits(byte_tok):
     assert (a[0, -1] - b[0, -1]).abs().max() > 1e-4
 
 
-@pytest.mark.verifies(STEP, "The language model's weights are unchanged by stage 1")
+@pytest.mark.verifies(6, "The language model's weights are unchanged by stage 1")
 def test_stage1_freezes_language_model(quick_run, tmp_path):
     tok = load_tokenizer(quick_run.tokenizer)
     from common.checkpoint import load_model
@@ -121,7 +120,7 @@ def test_stage1_freezes_language_model(quick_run, tmp_path):
     assert any(not torch.equal(encoder_before[k], v) for k, v in vlm.encoder.state_dict().items())
 
 
-@pytest.mark.verifies(STEP, "The projector maps the encoder's width to the model's width")
+@pytest.mark.verifies(6, "The projector maps the encoder's width to the model's width")
 def test_projector_widths():
     vision = VisionConfig(width=48, n_head=4, stem_width=8, norm_output=True)  # the options too
     vlm = tiny_vlm(vision=vision)
@@ -134,7 +133,7 @@ def test_projector_widths():
     assert pixel_shuffle(grid, 4, 2)[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 
 
-@pytest.mark.verifies(STEP, "A saved checkpoint reloads and gives the same answers")
+@pytest.mark.verifies(6, "A saved checkpoint reloads and gives the same answers")
 def test_checkpoint_round_trip(trained, tmp_path):
     result, out, tok, tokenizer_path = trained
     vlm = load_vlm(result["model_path"])
@@ -152,7 +151,7 @@ def test_checkpoint_round_trip(trained, tmp_path):
         load_vlm(tmp_path / "bad.pt")
 
 
-@pytest.mark.verifies(STEP, "A PNG and the same image as high-quality JPEG give the same answer")
+@pytest.mark.verifies(6, "A PNG and the same image as high-quality JPEG give the same answer")
 def test_png_and_jpeg_same_answer(trained, tmp_path):
     from PIL import Image
 
@@ -172,7 +171,7 @@ def test_png_and_jpeg_same_answer(trained, tmp_path):
             assert answer(vlm, tok, question, png[None]) == answer(vlm, tok, question, jpeg[None])
 
 
-@pytest.mark.verifies(STEP, "Grayscale, palette and RGBA images are converted to RGB on the black background, "
+@pytest.mark.verifies(6, "Grayscale, palette and RGBA images are converted to RGB on the black background, "
                             "and any size is resized")
 def test_image_conversions(tmp_path):
     from PIL import Image
@@ -193,7 +192,7 @@ def test_image_conversions(tmp_path):
     assert load_pixels(tmp_path / "big.jpg").shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
-@pytest.mark.verifies(STEP, "A missing, unreadable or truncated image file gives a one-line error naming the file")
+@pytest.mark.verifies(6, "A missing, unreadable or truncated image file gives a one-line error naming the file")
 def test_bad_image_files(tmp_path):
     save_png(scene_picture(), tmp_path / "ok.png")
     whole = (tmp_path / "ok.png").read_bytes()
@@ -205,7 +204,7 @@ def test_bad_image_files(tmp_path):
         assert name in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.verifies(STEP, "A bad JSONL line (no or unreadable image, <image> tags that do not match the images) "
+@pytest.mark.verifies(6, "A bad JSONL line (no or unreadable image, <image> tags that do not match the images) "
                             "is skipped with a count, or refused with --strict")
 def test_bad_lines_skipped_or_refused(byte_tok, tmp_path, capsys):
     save_png(scene_picture(), tmp_path / "pics" / "a.png")
@@ -231,7 +230,7 @@ def test_bad_lines_skipped_or_refused(byte_tok, tmp_path, capsys):
     assert int((batch["idx"] == byte_tok.image_id).sum()) == 3 * 4 and batch["images"].shape[0] == 3
 
 
-@pytest.mark.verifies(STEP, "Generated questions have the answers their pictures imply, and the held-out pictures "
+@pytest.mark.verifies(6, "Generated questions have the answers their pictures imply, and the held-out pictures "
                             "are never drawn in training")
 def test_generated_answers_and_held_out(byte_tok):
     scene = [Shape("circle", "red", 2, 20, 8), Shape("square", "blue", 20, 2, 8), Shape("circle", "white", 12, 10, 7)]
@@ -254,7 +253,7 @@ def test_generated_answers_and_held_out(byte_tok):
             assert pixels == blank or pixels not in held_out
 
 
-@pytest.mark.verifies(STEP, "train_vlm.py writes metrics.json (accuracy by question kind, the blank-image baseline, "
+@pytest.mark.verifies(6, "train_vlm.py writes metrics.json (accuracy by question kind, the blank-image baseline, "
                             "seconds per stage, parameters by part) and the answers grid")
 def test_training_outputs(trained):
     result, out, tok, tokenizer_path = trained
@@ -278,7 +277,7 @@ def test_training_outputs(trained):
     assert result["vqa_acc"]["overall"] == pytest.approx(np.mean(right))
 
 
-@pytest.mark.verifies(STEP, "chat.py answers questions about an image and refuses <image> without one")
+@pytest.mark.verifies(6, "chat.py answers questions about an image and refuses <image> without one")
 def test_chat(trained, byte_tok, tmp_path):
     result, out, tok, tokenizer_path = trained
     vlm = tiny_vlm()  # an untrained model with room for two turns: the mechanics, not the answers
@@ -297,7 +296,7 @@ def test_chat(trained, byte_tok, tmp_path):
                    "--tokenizer", str(tokenizer_path)])
 
 
-@pytest.mark.verifies(STEP, "The step 6 notebook runs top to bottom")
+@pytest.mark.verifies(6, "The step 6 notebook runs top to bottom")
 def test_notebook_runs():
     from tests.notebooks import has_image, outputs_text, run_notebook
 
