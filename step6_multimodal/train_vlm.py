@@ -42,7 +42,7 @@ from step6_multimodal.vision import (VisionConfig, VisionLanguageModel, paramete
 MAKE_LM = "python step4_sft/train_sft.py"
 # Any flag given on the command line wins over its profile. The encoder and projector start from
 # random weights, so stage 1 can take a larger learning rate than stage 2, which also moves the
-# trained language model. Step counts fit both stages in the 10-minute budget (README).
+# trained language model. Step counts are sized to the 10-minute budget (README: what they measured).
 PROFILES = {
     "quick": dict(stage1_steps=15, stage2_steps=25, batch_size=8, lr1=2e-3, lr2=1e-3, warmup_steps=3,
                   eval_per_kind=8),  # and QUICK_VISION below
