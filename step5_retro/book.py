@@ -22,7 +22,7 @@ from common.cli import UserError
 from common.world.world import (NEWCOMERS, QUESTIONS, add_newcomers, apply_overrides, ask, build_world,
                                 documents_about, phrasings)
 
-# Chunk size and passages per question, by profile: a --quick model reads only 64 tokens, so its
+# Chunk size and passages per question, by profile: a --quick run must take seconds, so its
 # passages are short and single.
 CHUNK_SIZE = {"default": 32, "quick": 6}
 READER_K = {"default": 2, "quick": 1}
