@@ -4,6 +4,7 @@ Step 2 teaches these; later steps import them from here (step 4's evaluation rep
 
     maps = attention_maps(model, idx)        # per layer: (B, n_head, T, T), row i = what position i reads
     counts = count_parameters(model)         # measured, by part
+    trainable, total = count_trainable(model)  # any module: what trains, and everything
     formula = param_formula(model.config)    # the same counts from the config alone
 """
 
@@ -83,3 +84,9 @@ def param_formula(config: ModelConfig) -> dict:
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of any module; a tied weight counts once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)

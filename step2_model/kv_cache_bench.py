@@ -34,6 +34,7 @@ from common.model import QUICK_CONFIG, ModelConfig, Transformer, kv_cache_bytes
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
+from step2_model.inspect_model import count_trainable
 
 QUICK = dict(QUICK_CONFIG.to_dict(), new_tokens=48, repeats=1)
 # A large published GQA model's shapes (Llama-2-70B: 80 layers, 64 query heads, 8 kv heads of 128),
@@ -101,7 +102,7 @@ def main(argv=None):
     device = pick_device(args.device)
     model = Transformer(cfg).to(device).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens), device=device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_trainable(model)[1]
     print(f"{n_params / 1e6:.2f}M-parameter model on {device} ({torch.get_num_threads()} threads): "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
 

@@ -45,6 +45,7 @@ from common.device import pick_device
 from common.metrics import write_metrics
 from common.model import ModelConfig, RMSNorm, Transformer, apply_rope, rope_tables
 from common.train import TrainConfig, make_optimizer
+from step2_model.inspect_model import count_trainable
 from step3_pretrain.gpt2_reference import GPT2, nanogpt_optimizer
 
 NANOGPT_CPU = dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=4, n_embd=128)
@@ -223,7 +224,7 @@ def main(argv=None):
     runner = torch.compile(model) if args.compile else model
     seconds = time_steps(runner, optimizer, batch, steps, device)
     tokens_per_sec = BATCH_SIZE * NANOGPT_CPU["block_size"] / seconds
-    params = sum(p.numel() for p in model.parameters())
+    params = count_trainable(model)[1]
     print(f"nanoGPT CPU recipe shape on {device} ({torch.get_num_threads()} threads"
           f"{', compiled' if args.compile else ''}): "
           f"{tokens_per_sec:,.0f} tokens/s, {seconds * 1000:.1f} ms/step")

@@ -28,6 +28,7 @@ from common.model import ModelConfig, Transformer
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
+from step2_model.inspect_model import count_trainable
 from step3_pretrain.data import load_tokenizer_with_fingerprint, load_tokens, random_windows
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 
@@ -91,7 +92,7 @@ def main(argv=None):
 
     config = ModelConfig(vocab_size=meta["vocab_size"], **{k: settings[k] for k in MODEL_KEYS})
     model = Transformer(config).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_trainable(model)[1]
     cfg = TrainConfig(compile=args.compile, **{k: settings[k] for k in TRAIN_KEYS})
     if dist.is_main:
         print(f"profile {settings['profile']} on {device}: {n_params / 1e6:.2f}M parameters, "

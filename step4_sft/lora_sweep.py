@@ -34,7 +34,8 @@ from common.seed import seed_everything
 from step3_pretrain.data import load_tokens
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 from step4_sft.eval_sft import evaluate, load_eval_records
-from step4_sft.lora import apply_lora, count_trainable, merge_lora, parse_targets
+from step2_model.inspect_model import count_trainable
+from step4_sft.lora import apply_lora, merge_lora, parse_targets
 from step4_sft.sft import LORA_PROFILES, PROFILES, add_sft_args, run_settings, run_sft, setup
 from step4_sft.tasks import TASKS
 

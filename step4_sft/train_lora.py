@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 from common.cli import UserError, next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
-from step4_sft.lora import apply_lora, count_trainable, parse_targets, save_adapter
+from step2_model.inspect_model import count_trainable
+from step4_sft.lora import apply_lora, parse_targets, save_adapter
 from step4_sft.sft import LORA_PROFILES as PROFILES, add_sft_args, file_mb, run_sft, setup
 
 

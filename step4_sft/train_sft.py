@@ -26,6 +26,7 @@ from common.checkpoint import checkpoint_dict, save_checkpoint
 from common.cli import next_command, run_main
 from common.metrics import write_metrics
 from common.paths import step_dir
+from step2_model.inspect_model import count_trainable
 from step4_sft.sft import PROFILES, add_sft_args, file_mb, run_sft, setup
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = setup(args, PROFILES)
     model, dist = run["model"], run["dist"]
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_params = count_trainable(model)[1]
     if dist.is_main:
         print(f"full fine-tuning ({run['settings']['profile']} profile on {run['device']}): "
               f"all {n_params:,} parameters train")

@@ -35,6 +35,7 @@ from common.plot import new_figure, save_figure
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from step1_tokenizer.bpe import load_tokenizer
+from step2_model.inspect_model import count_trainable
 from step5_retro.retro_data import TEXTS, TRAIN_SEED0, VAL_SEED0, retro_split
 from step5_retro.retro_model import NO_TOKEN, RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
 
@@ -199,10 +200,10 @@ def main(argv=None):
     train_split = retro_split(range(TRAIN_SEED0, TRAIN_SEED0 + settings["train_worlds"]), **data)
     val = retro_split(range(VAL_SEED0, VAL_SEED0 + settings["val_worlds"]), **data)
     check_database(train_split.meta, val.meta, "validation neighbours")
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train, n_total = count_trainable(model)
     print(f"{args.mode} ({settings['profile']} profile on {device}): {len(train_split.rows):,} training rows "
           f"of {block_size} tokens from {settings['train_worlds']} worlds, {len(val.rows)} validation rows; "
-          f"{n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+          f"{n_train:,} of {n_total:,} parameters train")
 
     name = f"retro_{args.mode}"
     meta = {"config": decoder.config.to_dict(), "retro": retro.to_dict(), "database": train_split.meta}

@@ -26,6 +26,7 @@ import torch.nn as nn
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import UserError, next_command
 from common.model import KVCache, ModelConfig, RMSNorm, Transformer
+from step2_model.inspect_model import count_trainable
 from step6_multimodal.images import IMAGE_SIZE
 
 VLM_FORMAT = "lm-tutorial-vlm"
@@ -195,9 +196,8 @@ class VisionLanguageModel(nn.Module):
 
 def parameter_counts(vlm: VisionLanguageModel) -> dict:
     """Parameters by part; a tied weight counts once."""
-    def count(module):
-        return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-    return {"encoder": count(vlm.encoder), "projector": count(vlm.projector), "language_model": count(vlm.lm)}
+    return {"encoder": count_trainable(vlm.encoder)[1], "projector": count_trainable(vlm.projector)[1],
+            "language_model": count_trainable(vlm.lm)[1]}
 
 
 def save_vlm(vlm: VisionLanguageModel, path) -> None:

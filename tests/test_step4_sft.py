@@ -18,12 +18,13 @@ from common.cli import UserError
 from common.model import IGNORE_INDEX, ModelConfig, Transformer
 from common.world.world import ask, build_world, generate_documents, split_facts
 from step1_tokenizer.bpe import Tokenizer, train_bpe
+from step2_model.inspect_model import count_trainable
 from step3_pretrain.data import load_tokens, prepare
 from step4_sft import data as sft_data, eval_sft, sft, train_lora, train_sft
 from step4_sft.chat import ChatSession, chat_loop, fit_prompt, reply, stream_reply
 from step4_sft.chat_template import decode_reply, encode_conversation, encode_prompt, shift_labels
 from step4_sft.data import Example, collate, load_examples, mask_table, sft_batch
-from step4_sft.lora import (LoRALinear, TokenRows, adapter_dict, apply_lora, count_trainable, load_adapter,
+from step4_sft.lora import (LoRALinear, TokenRows, adapter_dict, apply_lora, load_adapter,
                             lora_layers, merge_lora, save_adapter, token_rows)
 from step4_sft.tasks import final_number, held_out_name, make_datasets, score
 
