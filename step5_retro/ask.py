@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step1_tokenizer.bpe import load_tokenizer
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step4_sft.chat import load_chat_model
 from step5_retro.book import READER_K, answer, retrieve_passages
 from step5_retro.database import load_database
@@ -45,13 +45,13 @@ def main(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     args.k = args.k or READER_K["quick" if args.quick else "default"]
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     db = load_database(args.db or step_dir(5) / "db", tokenizer)
     question = args.question or f"Where does {db.meta.get('world', {}).get('newcomers', ['Halra'])[0]} live?"
     if not question.strip():
         raise UserError("the question is empty")
     checkpoint = args.checkpoint or default_reader()
-    model = load_chat_model(checkpoint, device=pick_device(args.device))
+    model = load_chat_model(checkpoint, device=pick_device(args.device), tokenizer_fingerprint=fingerprint)
     passages = None
     if not args.closed_book:
         ids, scores, passages = retrieve_passages(db, question, args.k)

@@ -37,7 +37,7 @@ from common.metrics import write_metrics
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.world.world import ask, build_world
-from step1_tokenizer.bpe import load_tokenizer
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step4_sft.chat import load_chat_model
 from step4_sft.data import write_jsonl
 from step5_retro.book import READER_K, answer, answer_value, edit_book, extended_world, holds_fact
@@ -151,7 +151,7 @@ def main(argv=None):
     profile = "quick" if args.quick else "default"
     out_dir = pathlib.Path(args.out or step_dir(5))
     db_dir = pathlib.Path(args.db or step_dir(5) / "db")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     db = load_database(db_dir, tokenizer)
     info = db.meta.get("world")
     if not info or info["overrides"]:
@@ -185,7 +185,8 @@ def main(argv=None):
     else:
         make = next_command("python step5_retro/sft_open_book.py")
         print(f"{open_path} not found: no open-book SFT row (run {make})")
-    models = {path: load_chat_model(path, device=device) for path, _ in readers.values()}
+    models = {path: load_chat_model(path, device=device, tokenizer_fingerprint=fingerprint)
+              for path, _ in readers.values()}
     replies = {}
     for reader, (path, with_passages) in readers.items():
         rows = read_all(models[path], tokenizer, db, all_items, args.k, with_passages, reader)

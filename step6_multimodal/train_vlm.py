@@ -24,15 +24,15 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import numpy as np
 
+from common.checkpoint import load_model
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.checkpoint import load_model
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
-from step1_tokenizer.bpe import load_tokenizer
 from step2_model.inspect_model import count_trainable
+from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step4_sft.lora import ALL_LINEAR, apply_lora, merge_lora
 from step6_multimodal.data import (STAGE2_MIX, collate_images, fits_context, generated_batch, held_out_set,
                                    load_image_examples)
@@ -120,8 +120,9 @@ def main(argv=None):
     seed_everything(args.seed)
     settings = resolve_profile(args, device, PROFILES)
     out_dir = pathlib.Path(args.out or step_dir(6))
-    tokenizer = load_tokenizer(args.tokenizer)
-    lm = load_model(args.checkpoint or step_dir(4) / "sft_model.pt", device, hint=MAKE_LM)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    lm = load_model(args.checkpoint or step_dir(4) / "sft_model.pt", device, hint=MAKE_LM,
+                    tokenizer_fingerprint=fingerprint)
     if lm.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"the model has {lm.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer the model was trained with")

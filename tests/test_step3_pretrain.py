@@ -341,6 +341,7 @@ def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_re
     from step1_tokenizer.bpe import train_bpe
     from step3_pretrain import eval_ppl, probe_skills, sample
     from step4_sft import chat, train_sft
+    from step6_multimodal import train_vlm
 
     ours = Tokenizer.load(quick_run.tokenizer)
     other = train_bpe(generate_documents(build_world(1, "quick"), n_docs=300), vocab_size=ours.vocab_size)
@@ -351,7 +352,7 @@ def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_re
     refused = (rf"^{re.escape(str(quick_run.model))} was trained with another tokenizer \(fingerprint "
                rf"{saved['tokenizer_fingerprint']}\) than the one given \(fingerprint "
                rf"{data.tokenizer_fingerprint(tmp_path / 'other.json')}\): pass the --tokenizer it was trained with")
-    for script in (sample, eval_ppl, probe_skills, train_sft, chat):
+    for script in (sample, eval_ppl, probe_skills, train_sft, chat, train_vlm):
         with pytest.raises(UserError, match=refused):
             script.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(tmp_path / "other.json")])
     del saved["tokenizer_fingerprint"]  # a checkpoint from before fingerprints: nothing to compare, accepted
