@@ -119,7 +119,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint", config=None):
 def check_tokenizer(ckpt: dict, tokenizer_fingerprint: str, source) -> None:
     """Refuse a model and a tokenizer that do not belong together.
 
-    The training scripts save the fingerprint of their tokenizer (step3_pretrain.data.tokenizer_fingerprint)
+    The training scripts save the fingerprint of their tokenizer (step1_tokenizer.bpe.tokenizer_fingerprint)
     beside "config". A tokenizer retrained on other text can have the same vocabulary size and still give
     every id another meaning: the model would read nonsense without any error. Checkpoints saved before
     fingerprints carry none and are accepted unchecked."""

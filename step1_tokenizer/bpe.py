@@ -27,6 +27,7 @@ Usage:
     tok.save("out/tiny.json"); Tokenizer.load("out/tiny.json")
 """
 
+import hashlib
 import heapq
 import json
 import pathlib
@@ -471,6 +472,18 @@ def default_tokenizer_path() -> pathlib.Path:
 def load_tokenizer(path=None):
     """Load the tokenizer every later step uses (default: default_tokenizer_path())."""
     return Tokenizer.load(default_tokenizer_path() if path is None else path)
+
+
+def tokenizer_fingerprint(path) -> str:
+    """A short hash of the tokenizer file: token files and checkpoints remember which tokenizer made them."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_tokenizer_with_fingerprint(path=None):
+    """(tokenizer, fingerprint) of the tokenizer file at `path` (default out/tokenizer.json): a script that
+    loads a model passes the fingerprint to load_model, which refuses a model trained with another."""
+    path = pathlib.Path(path or default_tokenizer_path())
+    return load_tokenizer(path), tokenizer_fingerprint(path)
 
 
 if __name__ == "__main__":  # a module with a demo; train_tokenizer.py trains the real tokenizer

@@ -29,33 +29,35 @@ from common.model import QUICK_CONFIG, ModelConfig, Transformer
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
-from step1_tokenizer.bpe import TRAIN_COMMAND, default_tokenizer_path, load_tokenizer, render_token
+from step1_tokenizer.bpe import TRAIN_COMMAND, default_tokenizer_path, load_tokenizer_with_fingerprint, render_token
 from step2_model.inspect_model import attention_maps
 
 DEFAULT_TEXT = "Once upon a time, a small dragon lived by the river."
 
 
 def load_tokenizer_or_none(tokenizer_path):
-    """(tokenizer or None, note): step 1's BPE tokenizer if its file loads."""
+    """(tokenizer or None, note, fingerprint or None): step 1's BPE tokenizer if its file loads."""
     explicit = tokenizer_path is not None
     path = pathlib.Path(tokenizer_path) if explicit else default_tokenizer_path()
     if not path.exists() and not explicit:
-        return None, f"no tokenizer at {path} (run {next_command(TRAIN_COMMAND)})"
+        return None, f"no tokenizer at {path} (run {next_command(TRAIN_COMMAND)})", None
     try:
-        return load_tokenizer(path), f"BPE tokenizer {path}"
+        tokenizer, fingerprint = load_tokenizer_with_fingerprint(path)
+        return tokenizer, f"BPE tokenizer {path}", fingerprint
     except UserError as err:
         if explicit:  # the learner asked for this file: say what is wrong with it
             raise
-        return None, f"could not load {path} ({err})"
+        return None, f"could not load {path} ({err})", None
 
 
-def load_model_or_random(checkpoint, device, quick: bool, min_vocab: int = 0):
-    """(model, note): the step-3 model if it loads, else a random one (with at least min_vocab tokens) and why."""
+def load_model_or_random(checkpoint, device, quick: bool, min_vocab: int = 0, tokenizer_fingerprint=None):
+    """(model, note): the step-3 model if it loads, else a random one (with at least min_vocab tokens) and why.
+    A model trained with another tokenizer than the one loaded (tokenizer_fingerprint) is refused."""
     explicit = checkpoint is not None
     path = pathlib.Path(checkpoint) if explicit else step_dir(3) / "model.pt"
     if path.exists():
         try:
-            return load_model(path, device), f"trained model {path}"
+            return load_model(path, device, tokenizer_fingerprint=tokenizer_fingerprint), f"trained model {path}"
         except UserError as err:
             if explicit:
                 raise
@@ -133,9 +135,9 @@ def main(argv=None):
     seed_everything(args.seed)
     device = pick_device(args.device)
 
-    tokenizer, tok_note = load_tokenizer_or_none(args.tokenizer)
+    tokenizer, tok_note, fingerprint = load_tokenizer_or_none(args.tokenizer)
     model, model_note = load_model_or_random(args.checkpoint, device, args.quick,
-                                             tokenizer.vocab_size if tokenizer else 0)
+                                             tokenizer.vocab_size if tokenizer else 0, fingerprint)
     ids, labels, fallback_note = tokenize(args.text, tokenizer, model.config.vocab_size)
     tok_note = fallback_note + f"; {tok_note}" if fallback_note else tok_note
     limit = min(args.max_tokens, model.config.block_size)

@@ -13,7 +13,6 @@ The files are memory-mapped when read: a corpus far larger than RAM works the
 same, and a training batch is just a slice of the array.
 """
 import argparse
-import hashlib
 import json
 import pathlib
 import sys
@@ -31,21 +30,9 @@ from common.paths import own_data_dir, step_dir
 from common.world.corpus import HELDOUT_FRACTION, default_documents, read_documents, split_heldout
 from common.world.skills import echo_documents
 from common.world.world import build_world
-from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer
+from step1_tokenizer.bpe import default_tokenizer_path, load_tokenizer, tokenizer_fingerprint
 
 MAKE_DATA = "python step3_pretrain/data.py"
-
-
-def tokenizer_fingerprint(path) -> str:
-    """A short hash of the tokenizer file: token files and checkpoints remember which tokenizer made them."""
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:16]
-
-
-def load_tokenizer_with_fingerprint(path=None):
-    """(tokenizer, fingerprint) of the tokenizer file at `path` (default out/tokenizer.json): a script that
-    loads a model passes the fingerprint to load_model, which refuses a model trained with another."""
-    path = pathlib.Path(path or default_tokenizer_path())
-    return load_tokenizer(path), tokenizer_fingerprint(path)
 
 
 def encode_documents(tokenizer, docs: list[str], desc: str) -> np.ndarray:

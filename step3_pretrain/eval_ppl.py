@@ -71,7 +71,7 @@ def main(argv=None):
     add_common_args(parser)
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    from step3_pretrain.data import load_tokenizer_with_fingerprint
+    from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, tokenizer_fingerprint=fingerprint)

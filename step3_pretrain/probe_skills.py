@@ -38,7 +38,7 @@ from common.metrics import write_metrics
 from common.paths import step_dir
 from common.world.skills import MAX_NUMBER, MAX_TOTAL, skill_documents
 from common.world.world import ask, build_world, phrasings, split_facts
-from step3_pretrain.data import load_tokenizer_with_fingerprint
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 
 PERSON, ITEM = "Belwen", "apples"  # one world person and one counted thing, as the skill text writes
 # Where a skill document is cut for the copying probe, and where its copied part ends: the numbered

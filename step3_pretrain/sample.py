@@ -18,7 +18,7 @@ from common.checkpoint import load_model
 from common.cli import add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step3_pretrain.data import load_tokenizer_with_fingerprint
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 
 
 def sample_texts(model, tokenizer, prompt: str = "", n: int = 3, max_new_tokens: int = 120,

@@ -28,8 +28,9 @@ from common.model import ModelConfig, Transformer
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step2_model.inspect_model import count_trainable
-from step3_pretrain.data import load_tokenizer_with_fingerprint, load_tokens, random_windows
+from step3_pretrain.data import load_tokens, random_windows
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 
 # Sizes for each profile. "default" fits ~10 minutes on a 2-core laptop CPU;

@@ -26,7 +26,7 @@ from common.checkpoint import load_model
 from common.cli import QUICK_MODEL_NOTE, UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step3_pretrain.data import load_tokenizer_with_fingerprint
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step3_pretrain.train_pretrain import MODEL_KEYS, PROFILES
 from step4_sft.chat_template import decode_reply, encode_prompt
 from step4_sft.lora import load_adapter, merge_lora

@@ -31,8 +31,8 @@ from common.device import pick_device
 from common.metrics import read_metrics, write_metrics
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step2_model.inspect_model import attention_entropy
-from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step4_sft.chat import load_chat_model, reply
 from step4_sft.chat_template import CONTENT_PREFIX, encode_prompt
 from step4_sft.data import SkipReport, read_conversations, write_jsonl

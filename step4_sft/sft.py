@@ -31,7 +31,8 @@ from common.paths import own_data_dir, step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
 from common.world.corpus import world_training_documents
-from step3_pretrain.data import encode_documents, load_tokenizer_with_fingerprint, load_tokens
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
+from step3_pretrain.data import encode_documents, load_tokens
 from step4_sft.blend import blend_name, is_blend, load_blend
 from step4_sft.data import collate, load_examples, sft_batch, steps_for_epochs
 

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step3_pretrain.data import load_tokenizer_with_fingerprint
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step4_sft.chat import load_chat_model
 from step5_retro.book import READER_K, answer, retrieve_passages
 from step5_retro.database import load_database

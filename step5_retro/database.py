@@ -49,7 +49,7 @@ PQ_CODES = 256               # a PQ sub-quantiser of 8 bits (faiss's default) ha
 
 
 def tokenizer_sha(tokenizer) -> str:
-    """The fingerprint of a tokenizer object: equal to step3_pretrain.data.tokenizer_fingerprint of the
+    """The fingerprint of a tokenizer object: equal to step1_tokenizer.bpe.tokenizer_fingerprint of the
     file it was saved to (Tokenizer.save writes exactly these bytes)."""
     text = json.dumps(tokenizer.to_dict(), ensure_ascii=False, indent=1) + "\n"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -37,7 +37,7 @@ from common.metrics import write_metrics
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.world.world import ask, build_world
-from step3_pretrain.data import load_tokenizer_with_fingerprint
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step4_sft.chat import load_chat_model
 from step4_sft.data import write_jsonl
 from step5_retro.book import READER_K, answer, answer_value, edit_book, extended_world, holds_fact

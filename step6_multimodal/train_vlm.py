@@ -31,8 +31,8 @@ from common.metrics import write_metrics
 from common.paths import step_dir
 from common.seed import seed_everything
 from common.train import TrainConfig, resolve_profile, train
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step2_model.inspect_model import count_trainable
-from step3_pretrain.data import load_tokenizer_with_fingerprint
 from step4_sft.lora import ALL_LINEAR, apply_lora, merge_lora
 from step6_multimodal.data import (STAGE2_MIX, collate_images, fits_context, generated_batch, held_out_set,
                                    load_image_examples)

@@ -339,6 +339,7 @@ def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_re
     from common.checkpoint import save_checkpoint
     from common.world.world import build_world, generate_documents
     from step1_tokenizer.bpe import train_bpe
+    from step2_model import attention_map
     from step3_pretrain import eval_ppl, probe_skills, sample
     from step4_sft import chat, train_sft
     from step6_multimodal import train_vlm
@@ -352,7 +353,7 @@ def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_re
     refused = (rf"^{re.escape(str(quick_run.model))} was trained with another tokenizer \(fingerprint "
                rf"{saved['tokenizer_fingerprint']}\) than the one given \(fingerprint "
                rf"{data.tokenizer_fingerprint(tmp_path / 'other.json')}\): pass the --tokenizer it was trained with")
-    for script in (sample, eval_ppl, probe_skills, train_sft, chat, train_vlm):
+    for script in (attention_map, sample, eval_ppl, probe_skills, train_sft, chat, train_vlm):
         with pytest.raises(UserError, match=refused):
             script.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(tmp_path / "other.json")])
     del saved["tokenizer_fingerprint"]  # a checkpoint from before fingerprints: nothing to compare, accepted

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.model import ModelConfig, Transformer
 from common.cli import UserError
+from common.model import ModelConfig, Transformer
 from common.world.corpus import generated_documents
 from common.world.world import Fact, add_newcomers, build_world, generate_documents
 from step1_tokenizer.bpe import Tokenizer, train_bpe
@@ -102,7 +102,7 @@ def test_other_tokenizer_or_chunk_size_is_refused(tok, db_dir):
 
 
 def test_tokenizer_fingerprint_matches_the_file_s(tok, tmp_path):
-    from step3_pretrain.data import tokenizer_fingerprint
+    from step1_tokenizer.bpe import tokenizer_fingerprint
 
     tok.save(tmp_path / "tokenizer.json")
     assert tokenizer_sha(tok) == tokenizer_fingerprint(tmp_path / "tokenizer.json")
