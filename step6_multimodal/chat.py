@@ -20,7 +20,7 @@ import torch
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
-from step1_tokenizer.bpe import IMAGE, load_tokenizer
+from step1_tokenizer.bpe import IMAGE, load_tokenizer_with_fingerprint
 from step4_sft.chat import chat_loop
 from step6_multimodal.data import image_tag_count
 from step6_multimodal.evaluate import answer, prompt_ids
@@ -77,8 +77,8 @@ def main(argv=None):
     if args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens {args.max_new_tokens} must be at least 1")
     device = pick_device(args.device)
-    vlm = load_vlm(args.checkpoint or step_dir(6) / "vlm.pt", device)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
+    vlm = load_vlm(args.checkpoint or step_dir(6) / "vlm.pt", device, tokenizer_fingerprint=fingerprint)
     if vlm.config.vocab_size != tokenizer.vocab_size:
         raise UserError(f"the model has {vlm.config.vocab_size} token ids but the tokenizer has "
                         f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")

@@ -129,6 +129,7 @@ def main(argv=None):
     if args.lora_r < 0:
         raise UserError(f"--lora_r {args.lora_r} must be 0 (train every weight) or a rank of at least 1")
     vlm = VisionLanguageModel(lm, QUICK_VISION if args.quick else VisionConfig(), tokenizer.image_id).to(device)
+    vlm.tokenizer_fingerprint = fingerprint  # saved in its checkpoints, checked by chat.py
     max_tokens = lm.config.block_size + 1  # one token is lost to the shift
     held_out = held_out_set(settings["eval_per_kind"], fits_context(tokenizer, max_tokens, vlm.n_image_tokens))
     own = (load_image_examples(args.data, tokenizer, max_tokens, args.strict, n_image_tokens=vlm.n_image_tokens)

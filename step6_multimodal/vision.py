@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import check_tokenizer, load_checkpoint, save_checkpoint
 from common.cli import UserError, next_command
 from common.model import KVCache, ModelConfig, RMSNorm, Transformer
 from step2_model.inspect_model import count_trainable
@@ -205,21 +205,29 @@ def save_vlm(vlm: VisionLanguageModel, path) -> None:
 
 
 def vlm_checkpoint_meta(vlm: VisionLanguageModel) -> dict:
-    """Everything but the weights: enough to rebuild the model (training checkpoints carry it too)."""
-    return {"format": VLM_FORMAT, "config": vlm.lm.config.to_dict(), "vision_config": asdict(vlm.vision_config),
+    """Everything but the weights: enough to rebuild the model (training checkpoints carry it too), and the
+    fingerprint of the tokenizer it was trained with when train_vlm.py set one (vlm.tokenizer_fingerprint)."""
+    meta = {"format": VLM_FORMAT, "config": vlm.lm.config.to_dict(), "vision_config": asdict(vlm.vision_config),
             "image_token_id": vlm.image_token_id}
+    if getattr(vlm, "tokenizer_fingerprint", None):
+        meta["tokenizer_fingerprint"] = vlm.tokenizer_fingerprint
+    return meta
 
 
-def load_vlm(path, device="cpu") -> VisionLanguageModel:
-    """A saved VisionLanguageModel, in eval mode, or a one-line UserError."""
+def load_vlm(path, device="cpu", tokenizer_fingerprint: str | None = None) -> VisionLanguageModel:
+    """A saved VisionLanguageModel, in eval mode, or a one-line UserError. With `tokenizer_fingerprint`
+    (of the tokenizer the caller will use), a model trained with another tokenizer is refused."""
     ckpt = load_checkpoint(path, hint=MAKE_VLM)
     if ckpt.get("format") != VLM_FORMAT:
         raise UserError(f"{path}: not a vision-language checkpoint (format {ckpt.get('format')!r}); "
                         f"run {next_command(MAKE_VLM)}")
+    if tokenizer_fingerprint is not None:
+        check_tokenizer(ckpt, tokenizer_fingerprint, path)
     lm = Transformer(ModelConfig.from_dict(ckpt["config"], str(path)))
     vlm = VisionLanguageModel(lm, VisionConfig.from_dict(ckpt["vision_config"]), int(ckpt["image_token_id"]))
     try:
         vlm.load_state_dict(ckpt["model"])
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not fit the saved config ({str(err).splitlines()[0][:200]})") from None
+    vlm.tokenizer_fingerprint = ckpt.get("tokenizer_fingerprint")
     return vlm.to(device).eval()

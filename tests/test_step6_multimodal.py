@@ -12,7 +12,7 @@ import torch
 
 from common.cli import UserError
 from common.model import IGNORE_INDEX, ModelConfig, Transformer
-from step1_tokenizer.bpe import Tokenizer, load_tokenizer
+from step1_tokenizer.bpe import Tokenizer, load_tokenizer, tokenizer_fingerprint
 from step4_sft.chat import chat_loop
 from step4_sft.chat_template import shift_labels
 from step6_multimodal import chat, data, train_vlm
@@ -140,7 +140,10 @@ def test_checkpoint_round_trip(trained, tmp_path):
     held_out = held_out_set(2)
     examples = eval_examples(tok, held_out, vlm.n_image_tokens)[:8]
     batch = collate_images(examples, tok.eot_id)
-    again = load_vlm(result["model_path"])
+    again = load_vlm(result["model_path"], tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_path))
+    assert again.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer_path)  # saved by train_vlm.py
+    with pytest.raises(UserError, match="was trained with another tokenizer"):
+        load_vlm(result["model_path"], tokenizer_fingerprint="0" * 16)
     with torch.no_grad():
         assert torch.equal(vlm(batch["idx"], batch["images"])[0], again(batch["idx"], batch["images"])[0])
     kind, pixels, messages = held_out[0]
