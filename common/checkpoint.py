@@ -138,3 +138,10 @@ def load_model(path, device="cpu", config=None, hint: str = "python step3_pretra
     if tokenizer_fingerprint is not None:
         check_tokenizer(ckpt, tokenizer_fingerprint, path)
     return model_from_checkpoint(ckpt, str(path), config).to(device).eval()
+
+
+def check_vocab(config, tokenizer) -> None:
+    """Refuse a model whose vocabulary size differs from the tokenizer's: its ids would mean other tokens."""
+    if config.vocab_size != tokenizer.vocab_size:
+        raise UserError(f"the model has {config.vocab_size} token ids but the tokenizer has "
+                        f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
-from common.checkpoint import load_model
+from common.checkpoint import check_vocab, load_model
 from common.cli import QUICK_MODEL_NOTE, UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
@@ -178,9 +178,7 @@ def main(argv=None):
     device = pick_device(args.device)
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     model = load_chat_model(args.checkpoint, args.lora, device, tokenizer_fingerprint=fingerprint)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
-                        f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")
+    check_vocab(model.config, tokenizer)
     if is_quick_size(model):
         print(f"note: this is {QUICK_MODEL_NOTE}", flush=True)
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -22,7 +22,7 @@ import pathlib
 
 import torch
 
-from common.checkpoint import load_model
+from common.checkpoint import check_vocab, load_model
 from common.cli import UserError, add_common_args
 from common.device import pick_device
 from common.distributed import init_distributed
@@ -115,9 +115,7 @@ def setup(args, profiles: dict) -> dict:
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     model = load_model(args.checkpoint or step_dir(3) / "model.pt", device, hint=MAKE_BASE,
                        tokenizer_fingerprint=fingerprint)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has {model.config.vocab_size} token ids but the tokenizer has "
-                        f"{tokenizer.vocab_size}: pass the --tokenizer that step 3 was trained with")
+    check_vocab(model.config, tokenizer)
     max_tokens = model.config.block_size + 1  # inputs and targets are both block_size long after the shift
 
     def load(path):

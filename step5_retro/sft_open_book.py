@@ -29,18 +29,14 @@ from common.world.world import build_world
 from step1_tokenizer.bpe import load_tokenizer
 from step4_sft.blend import blend, parse_blend, read_records
 from step4_sft.data import write_jsonl
-from step4_sft.sft import add_sft_args, file_mb, run_sft, setup
+from step4_sft.sft import PROFILES as SFT_PROFILES, add_sft_args, file_mb, run_sft, setup
 from step5_retro.book import CHUNK_SIZE, READER_K, extended_world, open_book_records
 
-# Any flag given on the command line wins over its profile. batch_size counts conversations. The default's
-# step count is chosen by measurement (EXPERIMENTS.md, "Twice the steps"), inside the 10-minute budget.
-PROFILES = {
-    "quick": dict(max_steps=30, batch_size=8, grad_accum=1, lr=1e-3, warmup_steps=5, eval_every=0, ckpt_every=0),
-    "default": dict(max_steps=1200, batch_size=12, grad_accum=1, lr=1e-3, warmup_steps=30, eval_every=200,
-                    ckpt_every=200),
-    "gpu": dict(max_steps=600, batch_size=64, grad_accum=1, lr=5e-4, warmup_steps=50, eval_every=200,
-                ckpt_every=300),
-}
+# Step 4's fine-tuning profiles (any flag given on the command line wins), with this fine-tune's own step
+# counts: the default's is chosen by measurement (EXPERIMENTS.md, "Twice the steps"), inside the 10-minute budget.
+PROFILES = {"quick": SFT_PROFILES["quick"],
+            "default": {**SFT_PROFILES["default"], "max_steps": 1200},
+            "gpu": {**SFT_PROFILES["gpu"], "max_steps": 600, "ckpt_every": 300}}
 EXAMPLES = {"quick": 200, "default": 8000}   # open-book conversations generated; the blend holds as many in all
 EVAL_EXAMPLES = {"quick": 16, "default": 200}
 DEFAULT_BLEND = "open_book:0.8,step4:0.2"  # chosen by measurement (EXPERIMENTS.md)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.checkpoint import checkpoint_dict, save_checkpoint
-from common.cli import UserError, add_common_args, next_command, run_main, true_or_false
+from common.checkpoint import check_vocab, checkpoint_dict, save_checkpoint
+from common.cli import add_common_args, next_command, run_main, true_or_false
 from common.device import pick_device
 from common.metrics import write_metrics
 from common.model import IGNORE_INDEX, ModelConfig, Transformer
@@ -185,9 +185,7 @@ def main(argv=None):
         config = ModelConfig(vocab_size=tokenizer.vocab_size, **{k: settings[k] for k in MODEL_KEYS})
         decoder = Transformer(config).to(device)
         plain = None if args.no_plain else copy.deepcopy(decoder)  # the same initial weights
-    if decoder.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has {decoder.config.vocab_size} token ids but the tokenizer has "
-                        f"{tokenizer.vocab_size}: pass the --tokenizer the base model was trained with")
+    check_vocab(decoder.config, tokenizer)
     block_size = decoder.config.block_size
     retro = RetroConfig(**{k: settings[k] for k in RETRO_KEYS})
     model = RetroModel(decoder, retro)

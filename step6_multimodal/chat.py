@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import torch
 
+from common.checkpoint import check_vocab
 from common.cli import UserError, add_common_args, run_main
 from common.device import pick_device
 from common.paths import step_dir
@@ -79,9 +80,7 @@ def main(argv=None):
     device = pick_device(args.device)
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     vlm = load_vlm(args.checkpoint or step_dir(6) / "vlm.pt", device, tokenizer_fingerprint=fingerprint)
-    if vlm.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has {vlm.config.vocab_size} token ids but the tokenizer has "
-                        f"{tokenizer.vocab_size}: pass the --tokenizer it was trained with")
+    check_vocab(vlm.config, tokenizer)
     image = load_image(args.image) if args.image else None
     session = ImageChatSession(vlm, tokenizer, image, args.max_new_tokens)
     chat_loop(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 import numpy as np
 
-from common.checkpoint import load_model
+from common.checkpoint import check_vocab, load_model
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.metrics import write_metrics
@@ -123,9 +123,7 @@ def main(argv=None):
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     lm = load_model(args.checkpoint or step_dir(4) / "sft_model.pt", device, hint=MAKE_LM,
                     tokenizer_fingerprint=fingerprint)
-    if lm.config.vocab_size != tokenizer.vocab_size:
-        raise UserError(f"the model has {lm.config.vocab_size} token ids but the tokenizer has "
-                        f"{tokenizer.vocab_size}: pass the --tokenizer the model was trained with")
+    check_vocab(lm.config, tokenizer)
     if args.lora_r < 0:
         raise UserError(f"--lora_r {args.lora_r} must be 0 (train every weight) or a rank of at least 1")
     vlm = VisionLanguageModel(lm, QUICK_VISION if args.quick else VisionConfig(), tokenizer.image_id).to(device)
