@@ -191,20 +191,29 @@ def sft_loss(model, batch: dict, replay_weight: float = REPLAY_WEIGHT):
     return loss
 
 
-def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: float | None = None) -> dict:
-    """Train with the shared loop on random padded batches of conversations; return its figures."""
+def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: float | None = None,
+            probe=None) -> dict:
+    """Train with the shared loop on random padded batches of conversations; return its figures.
+    probe(model): called at every evaluation too, to follow something over training (seed_table.py
+    follows name copying); it keeps what it measures itself."""
     settings, examples, pad_id = run["settings"], run["examples"], run["tokenizer"].eot_id
     cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
     if weight_decay is not None:
         cfg.weight_decay = weight_decay
     val = run["val_examples"][::max(1, len(run["val_examples"]) // 200)]  # every kind of task, ~200 conversations
+
+    def evaluate(m) -> float:
+        if probe is not None:
+            probe(m)
+        return assistant_loss(m, val, pad_id)
+
     return train(
         model, cfg,
         lambda step, micro: sft_batch(examples, cfg.batch_size, pad_id, seed, step, micro,
                                       run["replay_tokens"], run["replay_rows"], run.get("micros_per_step")),
         loss_fn=lambda m, batch: sft_loss(m, batch, run["replay_weight"]),
         device=run["device"], checkpoint_path=run["out_dir"] / f"{name}_checkpoint.pt",
-        eval_fn=(lambda m: assistant_loss(m, val, pad_id)) if val else None,
+        eval_fn=evaluate if val else None,
         resume=resume, dist_info=run["dist"],
         checkpoint_meta={"config": model.config.to_dict(), "tokenizer_fingerprint": run["tokenizer_fingerprint"]},
         desc=name, plot_path=run["out_dir"] / f"{name}_loss.png")

@@ -173,6 +173,11 @@ def _key(record: dict) -> str:
     return json.dumps([m for m in record["conversations"] if m["role"] != "system"])
 
 
+def world_people(world) -> list[str]:
+    """The world's people, whom conversations name (each name is one token of the tokenizer)."""
+    return sorted({f.entity for f in world.facts if f.relation == "profession"})
+
+
 def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, evaluation) records. No evaluation conversation occurs in the training set; the
     facts are split by fact (world.split_facts, the split step 3's quiz pages keep to), and the
@@ -182,7 +187,7 @@ def make_datasets(seed: int = 0, quick: bool = False, world_seed: int = 0) -> tu
     rng = random.Random(seed)
     world = build_world(world_seed)
     train_facts, eval_facts = split_facts(world)  # the exam facts were never asked in step 3's quiz pages
-    people = sorted({f.entity for f in world.facts if f.relation == "profession"})  # one token each
+    people = world_people(world)
     world_names = world.names()
     # Training mixes made-up names in (name_picker says why); evaluation uses only the world's people,
     # and its users only the held-out names.

@@ -30,7 +30,8 @@ from step2_model.inspect_model import count_trainable
 from step4_sft.sft import PROFILES, add_sft_args, file_mb, run_sft, setup
 
 
-def main(argv=None):
+def main(argv=None, probe=None):
+    """probe: see sft.run_sft (seed_table.py passes one)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sft_args(parser, PROFILES)
     args = parser.parse_args(argv)
@@ -40,7 +41,7 @@ def main(argv=None):
     if dist.is_main:
         print(f"full fine-tuning ({run['settings']['profile']} profile on {run['device']}): "
               f"all {n_params:,} parameters train")
-    result = run_sft(model, run, args.seed, args.resume, "sft")
+    result = run_sft(model, run, args.seed, args.resume, "sft", probe=probe)
     if not dist.is_main:
         return result
     model_path = run["out_dir"] / "sft_model.pt"

@@ -830,3 +830,61 @@ def test_lora_sweep_quick_profile_trains_scores_and_plots_every_run(files, tmp_p
     capsys.readouterr()
     again = lora_sweep.main(args)  # a sweep run again keeps what is done
     assert again["runs"] == runs and capsys.readouterr().out.count("kept from") == 6
+
+
+# ----------------------------------------------------------------------------- the seed table
+
+def test_name_probe_scores_exactly_the_name_tokens(tok):
+    from step4_sft.seed_table import name_positions, name_probe_sets
+
+    asked = [{"role": "user", "content": "Hi, my name is Garsa."},
+             {"role": "assistant", "content": "Nice to meet you, Garsa!"},
+             {"role": "user", "content": "What is my name?"},
+             {"role": "assistant", "content": "Your name is Garsa."}]
+    ids, name_ids = name_positions(tok, asked)
+    assert ids == encode_prompt(tok, asked[:-1]) + tok.encode_ordinary(" Your name is")
+    assert tok.decode(name_ids) == " Garsa"
+    records = [{"task": "multi_turn", "kind": "name", "conversations": asked},
+               {"task": "multi_turn", "kind": "number", "conversations": asked}]
+    sets = name_probe_sets(records, world_names=["Garsa", "Belwen"], user_names=["Belwen"])
+    assert sets["held_out"] == [asked]  # only the conversations that ask for the name
+    assert json.dumps(sets["training_users"][0]) == json.dumps(asked).replace("Garsa", "Belwen")
+    made_up = sets["made_up"][0]
+    other = made_up[-1]["content"].removeprefix("Your name is ").rstrip(".")
+    assert other not in ("Garsa", "Belwen") and "Garsa" not in json.dumps(made_up)
+    assert json.dumps(made_up) == json.dumps(asked).replace("Garsa", other)
+
+
+@pytest.mark.verifies(4, "The seed table's summary is the mean, minimum and maximum of its runs, and a table "
+                         "run again reads its finished runs back instead of training them again")
+def test_seed_table_summarizes_its_runs_and_resumes(files, tmp_path, monkeypatch):
+    import shutil
+
+    import common.paths
+    from step4_sft import seed_table
+
+    monkeypatch.setattr(common.paths, "OUT_DIR", tmp_path / "out")
+    for step, names in ((3, ("train.bin", "val.bin", "meta.json")), (4, ("sft_train.jsonl", "sft_eval.jsonl"))):
+        (tmp_path / "out" / "quick" / f"step{step}").mkdir(parents=True)
+        for name in names:
+            shutil.copy(files / name, tmp_path / "out" / "quick" / f"step{step}" / name)
+    args = ["--quick", "--tokenizer", str(files / "tokenizer.json"), "--pretrain_seeds", "0", "--sft_seeds", "0", "1",
+            "--sft_args", "--max_steps 20"]
+    table = seed_table.main(args)
+    runs = table["runs"]
+    assert [(r["pretrain_seed"], r["sft_seed"]) for r in runs] == [(0, 0), (0, 1)]
+    assert runs[0]["sft_val_loss"] != runs[1]["sft_val_loss"]  # the fine-tuning seed changes the run
+    assert runs[0]["pretrain_val_loss"] == runs[1]["pretrain_val_loss"]  # one base, shared
+    for key, stats in table["summary"].items():
+        values = [r[key] for r in runs]
+        assert stats == {"mean": sum(values) / 2, "min": min(values), "max": max(values)}
+    assert [p["step"] for p in runs[0]["name_copying"]] == [10, 20]  # a probe at every evaluation
+    markdown = (table["out"] / "seed_table.md").read_text()
+    assert sum(line.startswith(("| 0 | 0 |", "| 0 | 1 |", "| mean |", "| min |", "| max |"))
+               for line in markdown.splitlines()) == 5
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(train_sft, "main", no_training)
+    monkeypatch.setattr("step3_pretrain.train_pretrain.main", no_training)
+    assert seed_table.main(args)["runs"] == runs
