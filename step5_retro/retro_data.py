@@ -148,11 +148,17 @@ def make_world(seed: int, text: str = "fresh", size: str = "quick"):
                                    for f in world.facts if f.relation in REDRAWN})
 
 
+def world_library(world, tokenizer, chunk_size: int, k: int):
+    """The world's library: one fact sheet per entity, titled with its name, chunked, embedded and indexed
+    (a small database.py database in memory)."""
+    return build_database([documents_about(world, e)[0] for e in world.entities], tokenizer, None,
+                          chunk_size=chunk_size, embedder=EMBEDDER, k=k, titles=list(world.entities))
+
+
 def world_rows(seed: int, tokenizer, block_size: int, chunk_size: int, k: int, text: str, size: str):
     """One world: (rows, neighbour chunk ids, fact marks, scored marks, its library)."""
     world = make_world(seed, text, size)
-    library = build_database([documents_about(world, e)[0] for e in world.entities], tokenizer, None,
-                             chunk_size=chunk_size, embedder=EMBEDDER, k=k)
+    library = world_library(world, tokenizer, chunk_size, k)
     values = {f.value for f in world.facts}
     ids, marks, pads = [], [], []
     for title, body in world_documents(world, seed):

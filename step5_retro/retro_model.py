@@ -115,15 +115,32 @@ class CrossAttention(nn.Module):
         self.wv = nn.Linear(config.n_embd, inner, bias=False)
         self.wo = nn.Linear(inner, config.n_embd, bias=False)
 
-    def forward(self, x, memory, key_mask=None):
+    def heads(self, x, memory):
+        """Queries (N, H, T, D) from x; keys and values (N, H, S, D) from memory."""
         (N, T, _), S = x.shape, memory.size(1)
         q = self.wq(x).view(N, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(memory).view(N, S, self.n_head, self.head_dim).transpose(1, 2)
         v = self.wv(memory).view(N, S, self.n_head, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, memory, key_mask=None):
+        N, T, _ = x.shape
+        q, k, v = self.heads(x, memory)
         mask, has_keys = usable_mask(key_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = self.wo(y.transpose(1, 2).reshape(N, T, self.n_head * self.head_dim))
         return y if has_keys is None else y * has_keys[:, None, None]
+
+    def attention_probs(self, x, memory, key_mask=None):
+        """(N, H, T, S): how much each query reads each memory token; the softmax that forward's
+        scaled_dot_product_attention computes without showing it. A row with no real key reads nothing (0)."""
+        q, k, _ = self.heads(x, memory)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        mask, has_keys = usable_mask(key_mask)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        return probs if has_keys is None else probs * has_keys[:, None, None, None]
 
 
 # ----------------------------------------------------------------------------- the encoder
@@ -191,20 +208,33 @@ class ChunkedCrossAttention(nn.Module):
         self.attn = CrossAttention(config)
         self.alpha = nn.Parameter(torch.tensor(float(gate_init)))  # tanh(0) = 0: the block is the plain decoder's
 
-    def forward(self, x, context: RetroContext):
+    def groups(self, x, context: RetroContext):
+        """x (B, T, C) -> (queries (B*L, m, C), memory (B*L, k*r, C), key mask (B*L, k*r)), L = T // m:
+        group u holds the positions allowed to read chunk u's neighbours, and those neighbours."""
         B, T, C = x.shape
-        m = self.chunk_size
-        L = T // m  # chunks whose last token is in the input: the only ones anybody may read from
-        if L == 0:
-            return torch.zeros_like(x)
+        m, L = self.chunk_size, T // self.chunk_size  # L: chunks whose last token is in the input
         memory, key_mask = context.encoded(x)  # (B, L, k*r, C), (B, L, k*r)
         # Shift left by m-1: position m-1 (the last token of chunk 0) heads group 0, so group u
         # holds positions u*m+m-1 ... u*m+2m-2, exactly those allowed to read chunk u's neighbours.
         shifted = F.pad(x[:, m - 1:], (0, 0, 0, L * m - (T - m + 1)))
-        y = self.attn(shifted.reshape(B * L, m, C), memory.reshape(B * L, -1, C), key_mask.reshape(B * L, -1))
+        return shifted.reshape(B * L, m, C), memory.reshape(B * L, -1, C), key_mask.reshape(B * L, -1)
+
+    def forward(self, x, context: RetroContext):
+        B, T, C = x.shape
+        m = self.chunk_size
+        if T < m:  # no chunk is complete yet: nobody may read a neighbour
+            return torch.zeros_like(x)
+        y = self.attn(*self.groups(x, context))
         # Shift back: the first m-1 positions read nothing (zeros); what fell off the end was padding.
-        y = F.pad(y.reshape(B, L * m, C)[:, :T - m + 1], (0, 0, m - 1, 0))
+        y = F.pad(y.reshape(B, (T // m) * m, C)[:, :T - m + 1], (0, 0, m - 1, 0))
         return torch.tanh(self.alpha) * y
+
+    def attention_probs(self, x, context: RetroContext):
+        """(B, L, H, m, k*r): for each group of positions (see groups), how much each reads each
+        neighbour token. Position t is row (t - m + 1) % m of group (t - m + 1) // m."""
+        B, T, _ = x.shape
+        probs = self.attn.attention_probs(*self.groups(x, context))  # (B*L, H, m, k*r)
+        return probs.reshape(B, T // self.chunk_size, *probs.shape[1:])
 
 
 # ----------------------------------------------------------------------------- the model
@@ -273,6 +303,20 @@ class RetroModel(nn.Module):
         """tanh(alpha) of each CCA layer: how far each is open."""
         return [float(torch.tanh(self.decoder.blocks[i].cross_attn.alpha.detach())) for i in self.retro.cca_layers]
 
+    @torch.no_grad()
+    def cca_attention(self, idx, neighbours) -> list:
+        """Read idx (B, T) with its neighbours and return, for each CCA layer, what each position read in
+        each neighbour token: (B, L, H, m, k*r) probabilities (ChunkedCrossAttention.attention_probs)."""
+        inputs = {}
+        hooks = [self.decoder.blocks[i].cross_attn.register_forward_pre_hook(
+            lambda module, args, i=i: inputs.__setitem__(i, args)) for i in self.retro.cca_layers]
+        try:
+            self(idx, neighbours=neighbours)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [self.decoder.blocks[i].cross_attn.attention_probs(*inputs[i]) for i in self.retro.cca_layers]
+
     def base_parameters(self):
         """(name, parameter) of the decoder's own weights: everything but the CCA slots."""
         return [(n, p) for n, p in self.decoder.named_parameters() if ".cross_" not in n]
@@ -300,6 +344,16 @@ def check_neighbours(neighbours, retro: RetroConfig, seq_len: int) -> None:
                         f"{seq_len // retro.chunk_size} (one per chunk of {retro.chunk_size})")
 
 
+def check_shape(retro: RetroConfig, source: str, chunk_size: int | None = None, k: int | None = None) -> None:
+    """A chunk size or k asked for on the command line (None: not asked) must be the Retro model's own."""
+    differ = [f"--{name} {value}" for name, value in (("chunk_size", chunk_size), ("k", k))
+              if value is not None and value != getattr(retro, name)]
+    if differ:
+        raise UserError(f"{source} reads chunks of {retro.chunk_size} tokens and k={retro.k} neighbours, not "
+                        f"{' '.join(differ)}: leave the flag out, or train a Retro model with it: "
+                        f"{next_command(MAKE_RETRO + ' ' + ' '.join(differ))}")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 DATABASE_KEYS = ("tokenizer_sha", "chunk_size", "k", "embedder")  # what a reader must share with training
@@ -321,12 +375,13 @@ def retro_checkpoint(model: RetroModel, database: dict, **extra) -> dict:
             "model": model.state_dict(), **extra}
 
 
-def load_retro(path, device="cpu") -> tuple[RetroModel, dict]:
-    """A Retro checkpoint -> (model in eval mode, the checkpoint's database metadata)."""
-    ckpt = load_checkpoint(path, hint=MAKE_RETRO)
+def load_retro(path, device="cpu", hint: str = MAKE_RETRO) -> tuple[RetroModel, dict]:
+    """A Retro checkpoint -> (model in eval mode, the checkpoint's database metadata).
+    hint: the command that makes such a checkpoint, named when the file is missing or a plain model's."""
+    ckpt = load_checkpoint(path, hint=hint)
     if "retro" not in ckpt:
         raise UserError(f"{path}: a plain model checkpoint where a Retro one is expected (it has no 'retro' "
-                        f"entry); train a Retro model with {next_command(MAKE_RETRO)}")
+                        f"entry); make a Retro model with {next_command(hint)}")
     decoder = Transformer(ModelConfig.from_dict(ckpt["config"], str(path)))
     model = RetroModel(decoder, RetroConfig.from_dict(ckpt["retro"], str(path)))
     load_weights(model, ckpt["model"], str(path))

@@ -14,7 +14,6 @@ Writes out/step5/retro_<mode>.pt (and plain_<mode>.pt for --from_scratch), retro
 """
 import argparse
 import copy
-import math
 import pathlib
 import sys
 
@@ -22,26 +21,24 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from common.checkpoint import check_vocab, checkpoint_dict, save_checkpoint
 from common.cli import add_common_args, next_command, run_main, true_or_false
 from common.device import pick_device
 from common.metrics import write_metrics
-from common.model import IGNORE_INDEX, ModelConfig, Transformer
+from common.model import ModelConfig, Transformer
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.seed import seed_everything
-from common.train import TrainConfig, resolve_profile, train
+from common.train import resolve_profile
 from step1_tokenizer.bpe import load_tokenizer
 from step2_model.inspect_model import count_trainable
 from step5_retro.retro_data import TEXTS, TRAIN_SEED0, VAL_SEED0, retro_split
-from step5_retro.retro_model import NO_TOKEN, RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
+from step5_retro.retro_fit import NEIGHBOUR_MODES, fit, measure
+from step5_retro.retro_model import RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
 RETRO_KEYS = ("chunk_size", "k", "cca_layers", "encoder_layers", "condition", "gate_init")
-TRAIN_KEYS = ("max_steps", "batch_size", "lr", "warmup_steps", "eval_every", "ckpt_every")
 # Any flag given on the command line wins over its profile. The model keys apply to --from_scratch only
 # (--retrofit takes its base's); the step counts are chosen to fit the 10-minute budget (README).
 PROFILES = {
@@ -84,71 +81,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- measuring
-
-NEIGHBOUR_MODES = ("retrieved", "off", "random")  # what the Retro model reads at validation
-
-
-@torch.no_grad()
-def measure(model, split, neighbours: str = "retrieved", rows: int | None = None, batch_size: int = 16) -> dict:
-    """Loss and perplexity on split's rows (all targets, fact targets, the rest) and top-1 accuracy on
-    facts. neighbours: "retrieved", "off" (none) or "random"; a plain Transformer reads none."""
-    model.eval()
-    device = next(model.parameters()).device
-    n = len(split.rows) if rows is None else min(rows, len(split.rows))
-    sums = {"all": [0.0, 0], "fact": [0.0, 0], "rest": [0.0, 0]}
-    correct = 0
-    for first in range(0, n, batch_size):
-        index = np.arange(first, min(first + batch_size, n))
-        batch = {k: v.to(device) for k, v in split.batch(index, random_neighbours=neighbours == "random").items()}
-        if isinstance(model, RetroModel) and neighbours != "off":
-            logits, _ = model(batch["idx"], neighbours=batch["neighbours"])
-        else:
-            logits, _ = model(batch["idx"])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"], reduction="none",
-                              ignore_index=IGNORE_INDEX)
-        fact = torch.from_numpy(split.fact[index]).to(device)
-        scored = torch.from_numpy(split.scored[index]).to(device)
-        for name, mask in (("all", scored), ("fact", fact), ("rest", scored & ~fact)):
-            sums[name][0] += float(nll[mask].sum())
-            sums[name][1] += int(mask.sum())
-        correct += int((logits.argmax(-1) == batch["targets"])[fact].sum())
-    out = {}
-    for name, (total, count) in sums.items():
-        loss = total / max(count, 1)
-        prefix = "" if name == "all" else name + "_"
-        out[prefix + "loss"], out[prefix + "ppl"] = round(loss, 4), round(math.exp(loss), 3)
-    out["fact_acc"] = round(correct / max(sums["fact"][1], 1), 4)
-    return out
-
-
 # ----------------------------------------------------------------------------- training
-
-def batch_fn(split, batch_size: int, seed: int, with_neighbours: bool, retrieval_dropout: float = 0.0):
-    """The micro-batch of (step, micro): random rows, a pure function of its arguments (exact resume).
-    retrieval_dropout: the share of rows that read no neighbour (all NO_TOKEN: CCA gives them zeros),
-    so the decoder also learns to do without, as it must with retrieval off."""
-    def fn(step, micro):
-        rng = np.random.default_rng([seed, step, micro])
-        index = rng.integers(0, len(split.rows), size=batch_size)
-        batch = split.batch(index)
-        if not with_neighbours:
-            return {"idx": batch["idx"], "targets": batch["targets"]}
-        batch["neighbours"][torch.from_numpy(rng.random(batch_size) < retrieval_dropout)] = NO_TOKEN
-        return batch
-    return fn
-
-
-def fit(model, split, val, settings: dict, seed: int, name: str, out_dir, device, resume=False, meta=None):
-    cfg = TrainConfig(**{k: settings[k] for k in TRAIN_KEYS})
-    neighbours = isinstance(model, RetroModel)
-    rows = min(EVAL_ROWS[settings["profile"]] // 4, len(val.rows))  # a quick look during training
-    return train(model, cfg, batch_fn(split, cfg.batch_size, seed, neighbours, settings["retrieval_dropout"]),
-                 device=device,
-                 checkpoint_path=out_dir / f"{name}_checkpoint.pt",
-                 eval_fn=lambda m: measure(m, val, "retrieved" if neighbours else "off", rows)["loss"],
-                 resume=resume, checkpoint_meta=meta, desc=name)
-
 
 def plot_runs(runs: dict, path, title: str):
     """Train loss (a moving average) and validation loss of each run, on one axis."""
@@ -205,13 +138,14 @@ def main(argv=None):
 
     name = f"retro_{args.mode}"
     meta = {"config": decoder.config.to_dict(), "retro": retro.to_dict(), "database": train_split.meta}
-    result = fit(model, train_split, val, settings, args.seed, name, out_dir, device, args.resume, meta)
+    quick_look = EVAL_ROWS[settings["profile"]] // 4  # validation rows read during training
+    result = fit(model, train_split, val, settings, args.seed, name, out_dir, device, args.resume, meta, quick_look)
     save_checkpoint(retro_checkpoint(model, train_split.meta), out_dir / f"{name}.pt")
     histories = {"Retro": result["history"]}
     plain_seconds = None
     if plain is not None and args.mode == "from_scratch":
         plain_result = fit(plain, train_split, val, settings, args.seed, f"plain_{args.mode}", out_dir, device,
-                           meta={"config": plain.config.to_dict()})
+                           meta={"config": plain.config.to_dict()}, eval_rows=quick_look)
         save_checkpoint(checkpoint_dict(plain), out_dir / f"plain_{args.mode}.pt")
         histories["plain"], plain_seconds = plain_result["history"], plain_result["train_seconds"]
     plot = plot_runs(histories, out_dir / f"{name}_loss.png", f"Retro ({args.mode}) and plain")
