@@ -35,22 +35,24 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import torch
 from tqdm import tqdm
 
+from common.checkpoint import check_vocab
 from common.cli import add_quick_arg, run_main
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from common.world.skills import new_name
 from common.world.world import build_world
-from step1_tokenizer.bpe import load_tokenizer
+from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step4_sft.chat_template import encode_prompt
 from step4_sft.eval_sft import load_eval_records
 from step4_sft.tasks import held_out_name, world_people
 
 # What the table reports, per run: (key in the run's row, heading).
 COLUMNS = [("pretrain_val_loss", "step 3 val loss"), ("pretrain_val_bpb", "step 3 bits/byte"),
+           ("probe_facts", "step 3 facts completed"), ("probe_copying", "step 3 copies completed"),
            ("sft_val_loss", "SFT val loss"), ("facts", "facts"), ("instructions", "instructions"),
            ("multi_turn", "multi-turn"), ("math", "math"), ("overall", "overall"),
            ("names_said_back", "names said back"), ("numbers_said_back", "numbers said back")]
-SHARES = {"facts", "instructions", "multi_turn", "math", "overall", "names_said_back", "numbers_said_back"}
+SHARES = {"probe_facts", "probe_copying", "facts", "instructions", "multi_turn", "math", "overall", "names_said_back", "numbers_said_back"}
 ANSWER_LEAD = "Your name is"
 PROBE_LABELS = {"held_out": "held-out world names", "training_users": "training users' names",
                 "made_up": "made-up names"}  # what every name-recall answer starts with (tasks.multi_turn_conversation)
@@ -141,7 +143,13 @@ def pretrain(seed: int, args, root: pathlib.Path) -> dict:
         result = train_pretrain.main(["--seed", str(seed), "--out", str(out)] + shared_flags(args))
         row = {k: result[k] for k in ("val_loss", "val_bpb", "train_seconds")}
         row_path.write_text(json.dumps(row, indent=1))
-    return {"model": out / "model.pt", **json.loads(row_path.read_text())}
+    row = json.loads(row_path.read_text())
+    if "probe_facts" not in row:  # step 3's probe of what the base completes (probe_skills.py)
+        from step3_pretrain import probe_skills
+        found = probe_skills.main(["--checkpoint", str(out / "model.pt"), "--show", "0"] + shared_flags(args))
+        row.update(probe_facts=found["facts"], probe_copying=found["copying"])
+        row_path.write_text(json.dumps(row, indent=1))
+    return {"model": out / "model.pt", **row}
 
 
 def fine_tune(base: dict, seed: int, out: pathlib.Path, args, tokenizer, probe_sets: dict) -> dict:
@@ -156,8 +164,7 @@ def fine_tune(base: dict, seed: int, out: pathlib.Path, args, tokenizer, probe_s
                              probe=probe)
     scored = eval_sft.main(["--checkpoint", str(out / "sft_model.pt"), "--out", str(out)] + common)["full_sft"]
     kinds = scored["accuracy_by_kind"]
-    row = {"pretrain_val_loss": base["val_loss"], "pretrain_val_bpb": base["val_bpb"],
-           "sft_val_loss": trained["val_loss"], "sft_seconds": trained["train_seconds"],
+    row = {"sft_val_loss": trained["val_loss"], "sft_seconds": trained["train_seconds"],
            **scored["accuracy"], "names_said_back": kinds.get("multi_turn/name"),
            "numbers_said_back": kinds.get("multi_turn/number"),
            "name_copying": [{"step": step, **found} for step, found in
@@ -216,9 +223,16 @@ def plot_name_copying(runs: list[dict], path: pathlib.Path) -> pathlib.Path:
     return save_figure(fig, path)
 
 
-def probe_one(checkpoint, tokenizer, probe_sets: dict) -> dict:
+def default_probe_sets() -> dict:
+    """The probe's conversations, from the evaluation set data.py --create_sample wrote."""
+    return name_probe_sets(load_eval_records(step_dir(4) / "sft_eval.jsonl"), *name_pools())
+
+
+def probe_one(checkpoint, tokenizer, fingerprint: str) -> dict:
     from step4_sft.chat import load_chat_model
-    model = load_chat_model(checkpoint, None, "cpu")
+    model = load_chat_model(checkpoint, None, "cpu", tokenizer_fingerprint=fingerprint)
+    check_vocab(model.config, tokenizer)
+    probe_sets = default_probe_sets()
     found = {name: name_copying(model, tokenizer, conversations) for name, conversations in probe_sets.items()}
     print(f"{checkpoint}: {len(probe_sets['held_out'])} conversations that end with \"{ANSWER_LEAD}\", "
           f"teacher-forced, three ways:")
@@ -246,17 +260,19 @@ def main(argv=None):
     args.eval_every = args.eval_every or (10 if args.quick else 100)
     root = step_dir(4).parent / "seeds"
     out = root / args.label
-    tokenizer = load_tokenizer(args.tokenizer)
-    probe_sets = name_probe_sets(load_eval_records(step_dir(4) / "sft_eval.jsonl"), *name_pools())
+    tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     if args.probe:
-        return probe_one(args.probe, tokenizer, probe_sets)
+        return probe_one(args.probe, tokenizer, fingerprint)
+    probe_sets = default_probe_sets()
 
     runs = []
     for p in args.pretrain_seeds:
         base = pretrain(p, args, root)
         for s in args.sft_seeds:
             row = fine_tune(base, s, out / f"pretrain{p}_sft{s}", args, tokenizer, probe_sets)
-            runs.append({"pretrain_seed": p, "sft_seed": s, **row})
+            runs.append({"pretrain_seed": p, "sft_seed": s, "pretrain_val_loss": base["val_loss"],
+                         "pretrain_val_bpb": base["val_bpb"], "probe_facts": base["probe_facts"],
+                         "probe_copying": base["probe_copying"], **row})
             summary = summarize(runs)  # rewritten after every run: a table to read while the rest train
             (out / "seed_table.json").write_text(json.dumps({"label": args.label, "sft_args": args.sft_args,
                                                              "runs": runs, "summary": summary}, indent=1))

@@ -341,7 +341,7 @@ def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_re
     from step1_tokenizer.bpe import train_bpe
     from step2_model import attention_map
     from step3_pretrain import eval_ppl, probe_skills, sample
-    from step4_sft import chat, train_sft
+    from step4_sft import chat, seed_table, train_sft
     from step6_multimodal import train_vlm
 
     ours = Tokenizer.load(quick_run.tokenizer)
@@ -356,6 +356,8 @@ def test_a_tokenizer_retrained_on_other_text_with_the_same_vocabulary_size_is_re
     for script in (attention_map, sample, eval_ppl, probe_skills, train_sft, chat, train_vlm):
         with pytest.raises(UserError, match=refused):
             script.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(tmp_path / "other.json")])
+    with pytest.raises(UserError, match=refused):
+        seed_table.main(["--quick", "--probe", str(quick_run.model), "--tokenizer", str(tmp_path / "other.json")])
     del saved["tokenizer_fingerprint"]  # a checkpoint from before fingerprints: nothing to compare, accepted
     save_checkpoint(saved, tmp_path / "old.pt")
     texts = sample.main(["--quick", "--checkpoint", str(tmp_path / "old.pt"), "--tokenizer",
