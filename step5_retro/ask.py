@@ -29,10 +29,11 @@ from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
 from step4_sft.chat import MAKE_SFT, load_chat_model
 from step4_sft.chat_template import decode_reply
 from step5_retro.book import ANSWER_TOKENS, READER_K, answer, retrieve_passages
-from step5_retro.database import build_database, load_database
-from step5_retro.retro_data import EMBEDDER, passages as neighbour_tokens
+from step5_retro.database import load_database
+from step5_retro.retro_data import passages as neighbour_tokens
 from step5_retro.retro_model import check_database, check_shape, load_retro
-from step5_retro.retro_qa import MAKE_SFT_RETRO, answer_attention, qa_prompt, question_neighbours, retro_generate
+from step5_retro.retro_qa import (MAKE_SFT_RETRO, answer_attention, library_for, qa_prompt, question_neighbours,
+                                  retro_generate)
 
 OPEN_BOOK_MODEL = "open_book_model.pt"
 
@@ -101,8 +102,7 @@ def ask_retro(args, tokenizer, fingerprint, db, question) -> dict:
     check_vocab(model.config, tokenizer)
     check_database(database, {"tokenizer_sha": fingerprint}, str(checkpoint), fix=MAKE_SFT_RETRO)
     m, k = model.retro.chunk_size, model.retro.k
-    library = db if (db.chunk_size, db.meta["embedder"]) == (m, EMBEDDER) else build_database(
-        db.documents, tokenizer, None, chunk_size=m, embedder=EMBEDDER, k=k, titles=db.titles)
+    library = library_for(db, tokenizer, model.retro)
     if args.closed_book:
         neighbours, shown = None, []
     else:

@@ -54,7 +54,7 @@ from step5_retro.database import build_database, load_database, tokenizer_sha
 from step5_retro.retro_data import VAL_SEED0, passages, retro_split, world_library
 from step5_retro.retro_fit import NEIGHBOUR_MODES, measure
 from step5_retro.retro_model import MAKE_RETRO, check_database, load_plain, load_retro
-from step5_retro.retro_qa import MAKE_SFT_RETRO, question_neighbours, retro_answer, world_questions
+from step5_retro.retro_qa import MAKE_SFT_RETRO, library_for, question_neighbours, retro_answer, world_questions
 from step5_retro.scoring import exact_match, token_f1
 
 ORDINARY = {"quick": 12, "default": 60}   # ordinary facts asked
@@ -137,18 +137,19 @@ def answer_prior(world, newcomers, items) -> float:
 def plot(metrics: dict, path) -> pathlib.Path:
     fig, ax = new_figure(width=8, height=4)
     groups = [("database-only", ""), ("ordinary", "_ordinary")]
-    colors = {"closed_book": "#bbbbbb", "in_context": "#dd8452", "open_book_sft": "#4c72b0"}
+    colors = {"closed_book": "#bbbbbb", "in_context": "#dd8452", "open_book_sft": "#4c72b0", "retro_book": "#8172b3"}
+    width = 0.2
     for g, (label, suffix) in enumerate(groups):
-        for r, reader in enumerate(READERS):
+        for r, reader in enumerate(colors):  # part 1's three readers, then the instruction-tuned Retro model
             value = metrics.get(f"qa_em_{reader}{suffix}")
             if value is not None:
-                ax.bar(g + r * 0.27, 100 * value, 0.27, color=colors[reader], label=reader if g == 0 else None)
-                ax.annotate(f"{100 * value:.0f}", (g + r * 0.27, 100 * value), ha="center", va="bottom", fontsize=8)
+                ax.bar(g + r * width, 100 * value, width, color=colors[reader], label=reader if g == 0 else None)
+                ax.annotate(f"{100 * value:.0f}", (g + r * width, 100 * value), ha="center", va="bottom", fontsize=8)
     if metrics.get("edited_fact_success") is not None:
-        ax.bar(2 + 0.27, 100 * metrics["edited_fact_success"], 0.27, color="#55a868", label="edited facts (new value)")
-        ax.annotate(f"{100 * metrics['edited_fact_success']:.0f}", (2 + 0.27, 100 * metrics["edited_fact_success"]),
+        ax.bar(2 + 0.3, 100 * metrics["edited_fact_success"], width, color="#55a868", label="edited facts (new value)")
+        ax.annotate(f"{100 * metrics['edited_fact_success']:.0f}", (2 + 0.3, 100 * metrics["edited_fact_success"]),
                     ha="center", va="bottom", fontsize=8)
-    ax.set_xticks([0.27, 1.27, 2.27], ["database-only facts", "ordinary facts", "after edit_db"])
+    ax.set_xticks([0.3, 1.3, 2.3], ["database-only facts", "ordinary facts", "after edit_db"])
     ax.set(ylabel="exact match (%)", ylim=(0, 110), title="Closed book vs open book")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -184,12 +185,12 @@ def main(argv=None):
     out_dir = pathlib.Path(args.out or step_dir(5))
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     device = pick_device(args.device)
-    metrics, replies = {}, []
+    metrics, replies, book = {}, [], None
     if not args.retro_only:
-        metrics, replies = open_book_rows(args, tokenizer, fingerprint, device, profile)
+        metrics, replies, book = open_book_rows(args, tokenizer, fingerprint, device, profile)
         if args.recall_only:
             return metrics
-    retro_metrics, retro_replies = retro_rows(args, tokenizer, device, profile)
+    retro_metrics, retro_replies = retro_rows(args, tokenizer, device, profile, book)
     metrics.update(retro_metrics)
 
     metrics["eval_seconds"] = round(time.time() - started, 1)
@@ -206,8 +207,9 @@ def main(argv=None):
     return metrics
 
 
-def open_book_rows(args, tokenizer, fingerprint, device, profile) -> tuple[dict, list[dict]]:
-    """Part 1's rows: recall, the three readers closed and open book, and the edited book."""
+def open_book_rows(args, tokenizer, fingerprint, device, profile) -> tuple[dict, list[dict], tuple]:
+    """Part 1's rows: recall, the three readers closed and open book, and the edited book.
+    Also returns the book (database, its world, database-only items, ordinary items) for Retro to read."""
     db_dir = pathlib.Path(args.db or step_dir(5) / "db")
     db = load_database(db_dir, tokenizer)
     info = db.meta.get("world")
@@ -230,8 +232,9 @@ def open_book_rows(args, tokenizer, fingerprint, device, profile) -> tuple[dict,
     metrics["retrieval_recall"] = recall[db.meta["embedder"]]
     metrics["retrieval_recall_by_embedder"] = recall
     print("recall@%d: " % args.k + ", ".join(f"{name} {value:.3f}" for name, value in recall.items()))
+    book = (db, world, new_items, old_items)
     if args.recall_only:
-        return metrics, []
+        return metrics, [], book
 
     chat_path = pathlib.Path(args.chat_model or step_dir(4) / "sft_model.pt")
     open_path = pathlib.Path(args.open_book_model or step_dir(5) / "open_book_model.pt")
@@ -277,15 +280,15 @@ def open_book_rows(args, tokenizer, fingerprint, device, profile) -> tuple[dict,
           f"{-metrics['unrelated_fact_drop']:+.1f} points ({editor})")
 
     return metrics, ([{"reader": r, **row} for r, rows in replies.items() for row in rows]
-                     + [{"reader": f"{editor}_after_edit", **row} for row in after_edit])
+                     + [{"reader": f"{editor}_after_edit", **row} for row in after_edit]), book
 
 
 # ----------------------------------------------------------------------------- the Retro rows
 
-def retro_rows(args, tokenizer, device, profile) -> tuple[dict, list[dict]]:
+def retro_rows(args, tokenizer, device, profile, book=None) -> tuple[dict, list[dict]]:
     """Part 2's rows, on worlds no run trained on: perplexity of the Retro model (with its neighbours,
-    retrieval off) and of its plain twin; the instruction-tuned Retro model's answers and edited facts.
-    A missing checkpoint skips its rows with a note naming the command that makes it."""
+    retrieval off) and of its plain twin; the instruction-tuned Retro model's answers and edited facts;
+    with part 1's book, its questions too. A missing checkpoint skips its rows with the command that makes it."""
     metrics, replies = {}, []
     retro_path = pathlib.Path(args.retro_model or step_dir(5) / "retro_from_scratch.pt")
     plain_path = pathlib.Path(args.plain_model or step_dir(5) / "plain_from_scratch.pt")
@@ -303,7 +306,32 @@ def retro_rows(args, tokenizer, device, profile) -> tuple[dict, list[dict]]:
     check_database(database, {"tokenizer_sha": tokenizer_sha(tokenizer)}, str(sft_path), fix=MAKE_SFT_RETRO)
     qa, replies = retro_answers(model, tokenizer, profile, args.seed)
     metrics.update(qa)
+    if book is not None:
+        on_book, book_replies = retro_reads_the_book(model, tokenizer, *book)
+        metrics.update(on_book)
+        replies += book_replies
     return metrics, replies
+
+
+def retro_reads_the_book(model, tokenizer, db, world, new_items, old_items) -> tuple[dict, list[dict]]:
+    """Part 1's questions (database-only and ordinary facts of step 3's world) answered by the instruction-
+    tuned Retro model, the database cut into its chunk size: side by side with the open book's rows
+    (qa_em_retro_book, qa_em_retro_book_ordinary)."""
+    library = library_for(db, tokenizer, model.retro)
+    items = new_items + old_items
+    found, _ = question_neighbours(library, [it["question"] for it in items], model.retro.k)
+    rows = [scored_reply(it, retro_answer(model, tokenizer, it["question"], passages(library, ids, tokenizer.eot_id),
+                                          budget(tokenizer, it)), None)
+            for it, ids in zip(tqdm(items, desc="retro on the book", leave=False), found)]
+    new_rows, old_rows = rows[:len(new_items)], rows[len(new_items):]
+    metrics = {"qa_em_retro_book": mean(new_rows, "em"), "qa_f1_retro_book": mean(new_rows, "f1"),
+               "qa_em_retro_book_ordinary": mean(old_rows, "em"),
+               "retro_book_recall": sum(any(holds_fact(library.passage(i), world, it["fact"]) for i in ids)
+                                        for it, ids in zip(items, found)) / max(1, len(items))}
+    print(f"{'retro_book':>24}: database-only EM {100 * metrics['qa_em_retro_book']:.1f} %, "
+          f"ordinary EM {100 * metrics['qa_em_retro_book_ordinary']:.1f} % (step 3's world, the database cut into "
+          f"chunks of {model.retro.chunk_size})")
+    return metrics, [{"reader": "retro_book", **row} for row in rows]
 
 
 def retro_perplexity(retro_path, plain_path, tokenizer, device, profile) -> dict:

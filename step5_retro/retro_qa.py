@@ -32,7 +32,8 @@ from common.model import IGNORE_INDEX
 from common.world.world import ask, build_world
 from step4_sft.chat_template import decode_reply, encode_conversation, encode_prompt, shift_labels
 from step5_retro.book import ANSWER_TOKENS, holds_fact
-from step5_retro.retro_data import RetroSplit, passages, recipe, world_library
+from step5_retro.database import build_database
+from step5_retro.retro_data import EMBEDDER, RetroSplit, passages, recipe, world_library
 
 QA_SEED0 = 500_000  # instruction-tuning worlds: seeds that neither pretraining nor validation (retro_data) uses
 MAKE_SFT_RETRO = "python step5_retro/sft_retro.py"
@@ -74,6 +75,15 @@ def question_neighbours(library, questions, k: int) -> tuple[np.ndarray, np.ndar
     scores = library.embed(list(questions)) @ keys.T
     best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return alive[best], np.take_along_axis(scores, best, axis=1)
+
+
+def library_for(db, tokenizer, retro):
+    """A database (database.py) as a Retro model reads it: its documents cut into the model's chunk size and
+    embedded like the training libraries (the database itself where it already is)."""
+    if (db.chunk_size, db.meta["embedder"]) == (retro.chunk_size, EMBEDDER):
+        return db
+    return build_database(db.documents, tokenizer, None, chunk_size=retro.chunk_size, embedder=EMBEDDER, k=retro.k,
+                          titles=db.titles)
 
 
 def world_questions(world, library, k: int, rng: random.Random) -> list[dict]:
