@@ -17,9 +17,12 @@ CCA shifts the sequence left by m-1: positions from the last token of chunk u to
 second-to-last token of chunk u+1 attend to chunk u's neighbours; the first m-1 positions attend
 to none.
 
-The gate: CCA's output is multiplied by tanh(alpha), alpha a learned scalar that starts at 0.
-At 0 the Retro model computes exactly what its decoder alone computes, so a RETRO-fitted model
-starts as its base model and training opens the gate only as far as the neighbours help.
+The gate: CCA's output is multiplied by tanh(alpha), alpha a learned scalar. A RETRO-fitted model
+must start as exactly its base model, and there are two ways to make CCA add nothing at first:
+alpha = 0 (the gate shut), or CCA's output projection at zero with the gate open (zero_output, as
+LoRA zero-initialises B and ControlNet its zero convolutions). With the gate shut no CCA weight gets
+a gradient, and the gate's own gradient is noise; with the projection at zero the projection learns
+from the first step (its input, the attention output, is not zero), and the rest of CCA from the next.
 
 Usage:
     decoder = Transformer(ModelConfig(...))            # or common.model.load_model(...) to RETRO-fit
@@ -51,7 +54,9 @@ class RetroConfig:
     encoder_layers: int = 2      # bidirectional blocks over each neighbour
     condition: bool = True       # the encoder reads the decoder's chunk (RETRO); False: each distinct
                                  # neighbour is encoded once per batch, however many chunks retrieved it
-    gate_init: float = 0.0       # alpha at the start: 0 = gate shut (RETRO-fitting); 2 = open (tanh 2 = 0.96)
+    gate_init: float = 0.0       # alpha at the start: 0 = gate shut; 2 = open (tanh 2 = 0.96)
+    zero_output: bool = False    # CCA's output projection starts at zero: the model starts as its decoder
+                                 # with the gate open (RETRO-fitting)
 
     def __post_init__(self):
         self.cca_layers = [int(i) for i in self.cca_layers]
@@ -243,7 +248,8 @@ class RetroModel(nn.Module):
     """The common decoder with CCA in `retro.cca_layers` and the neighbour encoder beside it.
 
     `decoder` is modified in place (CCA slots filled); its own weights are untouched, so a
-    pretrained decoder becomes a Retro model that, with the gates at 0, still computes the same."""
+    pretrained decoder becomes a Retro model that, with the gates at 0 or CCA's output projections at
+    zero (retro.zero_output), still computes the same."""
 
     def __init__(self, decoder: Transformer, retro: RetroConfig):
         super().__init__()
@@ -265,6 +271,9 @@ class RetroModel(nn.Module):
             for name, p in module.named_parameters():
                 if name.endswith(("wo.weight", "w_down.weight")):  # residual branches, as in the decoder
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        if retro.zero_output:  # CCA adds exactly nothing until training moves its output projection
+            for i in retro.cca_layers:
+                nn.init.zeros_(decoder.blocks[i].cross_attn.attn.wo.weight)
         self.to(decoder.lm_head.weight.device)
 
     @property

@@ -38,22 +38,22 @@ from step5_retro.retro_fit import NEIGHBOUR_MODES, fit, measure
 from step5_retro.retro_model import RetroConfig, RetroModel, check_database, load_plain, retro_checkpoint
 
 MODEL_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
-RETRO_KEYS = ("chunk_size", "k", "cca_layers", "encoder_layers", "condition", "gate_init")
+RETRO_KEYS = ("chunk_size", "k", "cca_layers", "encoder_layers", "condition", "gate_init", "zero_output")
 # Any flag given on the command line wins over its profile. The model keys apply to --from_scratch only
 # (--retrofit takes its base's); the step counts are chosen to fit the 10-minute budget (README).
 PROFILES = {
     "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, chunk_size=16, k=2,
-                  cca_layers="1", encoder_layers=1, condition=False, gate_init=2.0, max_steps=30, batch_size=8,
-                  lr=3e-3, warmup_steps=5, eval_every=0, ckpt_every=0, train_worlds=20, val_worlds=3,
-                  retrieval_dropout=0.0),
+                  cca_layers="1", encoder_layers=1, condition=False, gate_init=2.0, zero_output=False,
+                  max_steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, ckpt_every=0,
+                  train_worlds=20, val_worlds=3, retrieval_dropout=0.0),
     "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256, chunk_size=16, k=2,
-                    cca_layers="1,3", encoder_layers=1, condition=False, gate_init=2.0, max_steps=300,
-                    batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, ckpt_every=100, train_worlds=400,
-                    val_worlds=20, retrieval_dropout=0.0),
+                    cca_layers="1,3", encoder_layers=1, condition=False, gate_init=2.0, zero_output=False,
+                    max_steps=300, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, ckpt_every=100,
+                    train_worlds=400, val_worlds=20, retrieval_dropout=0.0),
     "gpu": dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512, chunk_size=32, k=2,
-                cca_layers="3,5,7", encoder_layers=2, condition=True, gate_init=2.0, max_steps=3000, batch_size=32,
-                lr=1e-3, warmup_steps=200, eval_every=500, ckpt_every=500, train_worlds=8000, val_worlds=50,
-                retrieval_dropout=0.0),
+                cca_layers="3,5,7", encoder_layers=2, condition=True, gate_init=2.0, zero_output=False,
+                max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=200, eval_every=500, ckpt_every=500,
+                train_worlds=8000, val_worlds=50, retrieval_dropout=0.0),
 }
 EVAL_ROWS = {"quick": 24, "default": 240, "gpu": 600}  # validation rows read for each figure
 
@@ -64,7 +64,9 @@ def parse_args(argv=None):
     mode.add_argument("--from_scratch", dest="mode", action="store_const", const="from_scratch",
                       help="train decoder, encoder and CCA together, and a plain twin on the same tokens (default)")
     mode.add_argument("--retrofit", dest="mode", action="store_const", const="retrofit",
-                      help="RETRO-fit --base: its weights frozen, only the encoder and CCA train")
+                      help="RETRO-fit --base: its weights frozen, only the encoder and CCA train; it starts as "
+                           "exactly its base: CCA's output projection at zero, the gate open (--zero_output true, "
+                           "its default here), or the gate shut (--zero_output false --gate_init 0)")
     parser.set_defaults(mode="from_scratch")
     parser.add_argument("--base", default=None, help="plain model to RETRO-fit (default out/step3/model.pt)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
@@ -105,8 +107,11 @@ def main(argv=None):
     seed_everything(args.seed)
     settings = resolve_profile(args, device, PROFILES)
     settings["cca_layers"] = [int(i) for i in str(settings["cca_layers"]).split(",") if i.strip()]
-    if args.mode == "retrofit" and args.gate_init is None:
-        settings["gate_init"] = 0.0  # shut: the RETRO-fitted model starts as exactly its base
+    if args.mode == "retrofit":  # the RETRO-fitted model starts as exactly its base (EXPERIMENTS.md: which way)
+        if args.zero_output is None:
+            settings["zero_output"] = True  # CCA's output projection at zero, the gate open: it learns at once
+        if args.gate_init is None and not settings["zero_output"]:
+            settings["gate_init"] = 0.0  # the gate shut
     out_dir = pathlib.Path(args.out or step_dir(5))
     tokenizer = load_tokenizer(args.tokenizer)
 

@@ -12,12 +12,12 @@ from step5_retro.retro_model import (NO_TOKEN, RetroConfig, RetroModel, check_da
 M, K = 4, 2  # chunk size and neighbours of the small model below
 
 
-def small_retro(gate: float = 0.5, seed: int = 0, condition: bool = True) -> RetroModel:
+def small_retro(gate: float = 0.5, seed: int = 0, condition: bool = True, zero_output: bool = False) -> RetroModel:
     """A tiny Retro model; gate: the value every alpha is set to (0 keeps the gates shut)."""
     torch.manual_seed(seed)
     decoder = Transformer(ModelConfig(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
     model = RetroModel(decoder, RetroConfig(chunk_size=M, k=K, cca_layers=[1, 2], encoder_layers=1,
-                                            condition=condition))
+                                            condition=condition, zero_output=zero_output))
     for i in model.retro.cca_layers:
         model.decoder.blocks[i].cross_attn.alpha.data.fill_(gate)
     return model.eval()
@@ -62,19 +62,40 @@ def test_first_positions_read_no_neighbour():
     assert not torch.equal(with_them[:, M - 1], others[:, M - 1])  # the last token of chunk 0 does read
 
 
-@pytest.mark.verifies(5, "With the gate at zero the Retro model equals the plain decoder exactly")
-def test_closed_gate_equals_plain_decoder():
+def plain_decoder_and_its_logits(idx):
+    """small_retro's decoder before any CCA is plugged in (the same seed, the same weights), and its logits."""
     torch.manual_seed(0)
     plain = Transformer(ModelConfig(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
-    state = {k: v.clone() for k, v in plain.state_dict().items()}
-    model = small_retro(gate=0.0)
-    model.decoder.load_state_dict({**model.decoder.state_dict(), **state})
-    idx, neighbours = random_inputs()
     with torch.no_grad():
-        expected, _ = plain.eval()(idx)
+        return plain.eval(), plain(idx)[0]
+
+
+@pytest.mark.verifies(5, "With the gate at zero the Retro model equals the plain decoder exactly")
+def test_closed_gate_equals_plain_decoder():
+    idx, neighbours = random_inputs()
+    plain, expected = plain_decoder_and_its_logits(idx)
+    model = small_retro(gate=0.0)
+    model.decoder.load_state_dict({**model.decoder.state_dict(), **plain.state_dict()})
+    with torch.no_grad():
         got, _ = model(idx, neighbours=neighbours)
     assert torch.equal(got, expected)
     model.decoder.blocks[1].cross_attn.alpha.data.fill_(0.1)  # and the gate is what makes the difference
+    with torch.no_grad():
+        assert not torch.equal(model(idx, neighbours=neighbours)[0], expected)
+
+
+@pytest.mark.verifies(5, "With CCA's output projection at zero and the gate open the Retro model equals the plain "
+                         "decoder exactly")
+def test_zero_output_projection_with_open_gate_equals_plain_decoder():
+    idx, neighbours = random_inputs()
+    plain, expected = plain_decoder_and_its_logits(idx)
+    model = small_retro(gate=2.0, zero_output=True)
+    model.decoder.load_state_dict({**model.decoder.state_dict(), **plain.state_dict()})
+    assert all(g > 0.96 for g in model.gates())
+    with torch.no_grad():
+        got, _ = model(idx, neighbours=neighbours)
+    assert torch.equal(got, expected)
+    model.decoder.blocks[1].cross_attn.attn.wo.weight.data.fill_(0.01)  # and the projection is what makes it so
     with torch.no_grad():
         assert not torch.equal(model(idx, neighbours=neighbours)[0], expected)
 
@@ -164,9 +185,42 @@ def test_retrofit_leaves_base_weights_unchanged(quick_run, retrofit_run):
     for name in base:
         assert torch.equal(saved["decoder." + name], base[name]), name
     assert not any(p.requires_grad for _, p in result["model"].base_parameters())
-    # and training did happen: the gates opened, the encoder moved
-    assert all(g != 0 for g in result["gates"])
+    # and training did happen: CCA's output projections, zero at the start (--retrofit's default), moved
+    assert result["settings"]["zero_output"]
+    projections = [saved[f"decoder.blocks.{i}.cross_attn.attn.wo.weight"] for i in result["settings"]["cca_layers"]]
+    assert projections and all(bool(w.any()) for w in projections)
     assert any(name.startswith("encoder.") for name in saved)
+
+
+@pytest.mark.verifies(5, "One RETRO-fitting step moves CCA's output projection off zero and leaves the base "
+                         "weights unchanged")
+@pytest.mark.parametrize("zero_output", [True, False])
+def test_first_retrofit_step_reaches_the_output_projection_only_when_it_starts_at_zero(quick_run, world_split,
+                                                                                       zero_output):
+    from common.train import TrainConfig, make_optimizer
+
+    _, split = world_split
+    base = load_plain(quick_run.model)
+    # Two ways to start as exactly the base: the projection at zero with the gate open, or the gate shut.
+    retro = RetroConfig(chunk_size=16, k=2, cca_layers=[base.config.n_layer - 1], encoder_layers=1,
+                        condition=False, gate_init=2.0 if zero_output else 0.0, zero_output=zero_output)
+    model = RetroModel(base, retro).train()
+    model.freeze_base()
+    before = {name: p.detach().clone() for name, p in model.base_parameters()}
+    batch = split.batch(torch.arange(8).numpy())
+    _, loss = model(batch["idx"], batch["targets"], neighbours=batch["neighbours"])
+    loss.backward()
+    reached = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.any()}
+    cca = f"decoder.blocks.{retro.cca_layers[0]}.cross_attn."
+    # The projection's input, the attention output, is not zero: it alone learns at the first step (the rest of
+    # CCA and the encoder sit behind it, at zero). With the gate shut, only the gate itself gets a gradient.
+    assert reached == ({cca + "attn.wo.weight"} if zero_output else {cca + "alpha"})
+    wo = dict(model.named_parameters())[cca + "attn.wo.weight"]
+    assert bool((wo == 0).all()) == zero_output
+    make_optimizer(model, TrainConfig(lr=1e-3)).step()
+    assert bool((wo != 0).all())  # every weight of the projection moved off zero
+    for name, p in model.base_parameters():
+        assert torch.equal(p, before[name]), name
 
 
 @pytest.mark.verifies(5, "With retrieval off the loss equals the base model's")
