@@ -4,6 +4,7 @@ fine-tune every base with several seeds, score every run, and tabulate mean, min
     python step4_sft/seed_table.py                       # 3 pretraining x 2 fine-tuning seeds
     python step4_sft/seed_table.py --pretrain_seeds 0 --sft_seeds 0 1 2
     python step4_sft/seed_table.py --label sft1300 --sft_args "--max_steps 1300"   # another recipe
+    python step4_sft/seed_table.py --label lora8 --lora 8 --sft_seeds 0               # LoRA instead
     python step4_sft/seed_table.py --quick               # seconds: the same at --quick size
 
 Why seeds: the same commands on another CPU give other floating-point sums, so two machines'
@@ -153,16 +154,19 @@ def pretrain(seed: int, args, root: pathlib.Path) -> dict:
 
 
 def fine_tune(base: dict, seed: int, out: pathlib.Path, args, tokenizer, probe_sets: dict) -> dict:
-    from step4_sft import eval_sft, train_sft
+    from step4_sft import eval_sft, train_lora, train_sft
     row_path = out / "row.json"
     if row_path.exists():
         return json.loads(row_path.read_text())
     common = shared_flags(args)
     probe = NameProbe(tokenizer, probe_sets)
-    trained = train_sft.main(["--checkpoint", str(base["model"]), "--seed", str(seed), "--out", str(out),
-                              "--eval_every", str(args.eval_every)] + common + shlex.split(args.sft_args),
-                             probe=probe)
-    scored = eval_sft.main(["--checkpoint", str(out / "sft_model.pt"), "--out", str(out)] + common)["full_sft"]
+    trainer, lora_flags = (train_lora, ["--lora_r", str(args.lora)]) if args.lora else (train_sft, [])
+    trained = trainer.main(["--checkpoint", str(base["model"]), "--seed", str(seed), "--out", str(out),
+                            "--eval_every", str(args.eval_every)] + common + lora_flags + shlex.split(args.sft_args),
+                           probe=probe)
+    tuned = (["--checkpoint", str(base["model"]), "--lora", str(out / "lora_adapter.pt")] if args.lora
+             else ["--checkpoint", str(out / "sft_model.pt")])
+    scored = eval_sft.main(tuned + ["--out", str(out)] + common)["lora" if args.lora else "full_sft"]
     kinds = scored["accuracy_by_kind"]
     row = {"sft_val_loss": trained["val_loss"], "sft_seconds": trained["train_seconds"],
            **scored["accuracy"], "names_said_back": kinds.get("multi_turn/name"),
@@ -247,6 +251,8 @@ def main(argv=None):
     parser.add_argument("--pretrain_seeds", type=int, nargs="+", default=[0, 1, 2], metavar="P")
     parser.add_argument("--sft_seeds", type=int, nargs="+", default=[0, 1], metavar="S")
     parser.add_argument("--label", default="default", help="the recipe's name: its runs go to out/seeds/LABEL/")
+    parser.add_argument("--lora", type=int, default=None, metavar="R",
+                        help="fine-tune with LoRA of rank R (train_lora.py) instead of full SFT; give it its own --label")
     parser.add_argument("--sft_args", default="", help='more train_sft.py options, in quotes: "--max_steps 1300"')
     parser.add_argument("--eval_every", type=int, default=None,
                         help="fine-tuning steps between evaluations and name probes (default 100; quick: 10)")

@@ -25,7 +25,8 @@ from step4_sft.lora import apply_lora, parse_targets, save_adapter
 from step4_sft.sft import LORA_PROFILES as PROFILES, add_sft_args, file_mb, run_sft, setup
 
 
-def main(argv=None):
+def main(argv=None, probe=None):
+    """probe: see sft.run_sft (seed_table.py --lora passes one)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lora_r", type=int, default=8, help="rank r of the update B A (default 8)")
     parser.add_argument("--lora_alpha", type=float, default=16.0,
@@ -62,7 +63,7 @@ def main(argv=None):
         rows = f" + {len(token_ids)} token rows" if token_ids else ""
         print(f"LoRA r={args.lora_r} alpha={args.lora_alpha:g} on {len(wrapped)} layers ({','.join(targets)}){rows}: "
               f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.2f}")
-    result = run_sft(model, run, args.seed, args.resume, "lora", weight_decay=args.weight_decay)
+    result = run_sft(model, run, args.seed, args.resume, "lora", weight_decay=args.weight_decay, probe=probe)
     if not dist.is_main:
         return result
     adapter_path = run["out_dir"] / "lora_adapter.pt"

@@ -888,3 +888,10 @@ def test_seed_table_summarizes_its_runs_and_resumes(files, tmp_path, monkeypatch
     monkeypatch.setattr(train_sft, "main", no_training)
     monkeypatch.setattr("step3_pretrain.train_pretrain.main", no_training)
     assert seed_table.main(args)["runs"] == runs
+
+
+    lora = seed_table.main(args[:-2] + ["--sft_args", "--max_steps 10", "--sft_seeds", "0", "--lora", "4",
+                                        "--label", "lora4"])  # the base above is read back, not trained again
+    assert (table["out"].parent / "lora4" / "pretrain0_sft0" / "lora_adapter.pt").exists()
+    assert lora["runs"][0]["pretrain_val_loss"] == runs[0]["pretrain_val_loss"]
+    assert [p["step"] for p in lora["runs"][0]["name_copying"]] == [10]
