@@ -53,10 +53,11 @@ COLUMNS = [("pretrain_val_loss", "step 3 val loss"), ("pretrain_val_bpb", "step 
            ("sft_val_loss", "SFT val loss"), ("facts", "facts"), ("instructions", "instructions"),
            ("multi_turn", "multi-turn"), ("math", "math"), ("overall", "overall"),
            ("names_said_back", "names said back"), ("numbers_said_back", "numbers said back")]
-SHARES = {"probe_facts", "probe_copying", "facts", "instructions", "multi_turn", "math", "overall", "names_said_back", "numbers_said_back"}
-ANSWER_LEAD = "Your name is"
+SHARES = {"probe_facts", "probe_copying", "facts", "instructions", "multi_turn", "math", "overall",
+          "names_said_back", "numbers_said_back"}
+ANSWER_LEAD = "Your name is"  # what every name-recall answer starts with (tasks.multi_turn_conversation)
 PROBE_LABELS = {"held_out": "held-out world names", "training_users": "training users' names",
-                "made_up": "made-up names"}  # what every name-recall answer starts with (tasks.multi_turn_conversation)
+                "made_up": "made-up names"}
 
 
 # ----------------------------------------------------------------------------- the name-copying probe
