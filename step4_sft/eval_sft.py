@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 import torch
 from tqdm import tqdm
 
+from common.checkpoint import check_vocab
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
 from common.metrics import read_metrics, write_metrics
@@ -155,9 +156,7 @@ def main(argv=None):
     results = {}
     for section, source in runs.items():
         model = load_chat_model(source["checkpoint"], source.get("lora"), device, tokenizer_fingerprint=fingerprint)
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise UserError(f"{source['checkpoint']} has {model.config.vocab_size} token ids but the tokenizer "
-                            f"has {tokenizer.vocab_size}: pass the --tokenizer it was trained with")
+        check_vocab(model.config, tokenizer)
         started = time.time()
         accuracy, replies = evaluate(model, tokenizer, records, desc=section)
         write_jsonl(replies, out_dir / f"eval_{section}.jsonl")
