@@ -43,9 +43,11 @@ SCENE_SIZES = {"caption": (0, MAX_SHAPES), "colour": (1, MAX_SHAPES), "shape": (
                "exists": (1, MAX_SHAPES), "count": (0, MAX_SHAPES), "left_right": (2, MAX_SHAPES),
                "above_below": (2, MAX_SHAPES), "follow_up": (1, MAX_SHAPES)}
 QUESTION_KINDS = tuple(k for k in SCENE_SIZES if k != "caption")
-# How often each kind is drawn in stage 2: the relations and counting are harder, so more of them.
-STAGE2_MIX = {"caption": 1, "colour": 1, "shape": 1, "exists": 1, "count": 2, "left_right": 2,
-              "above_below": 2, "follow_up": 1}
+# How often each kind is drawn in stage 2: shape and existence, learnt slowest, twice as often
+# (EXPERIMENTS.md, section 9). No captions: a caption's twenty-odd answer tokens would take half
+# of a batch's loss from the one-word answers.
+STAGE2_MIX = {"colour": 1, "shape": 2, "exists": 2, "count": 1, "left_right": 1,
+              "above_below": 1, "follow_up": 1}
 
 
 @dataclass

@@ -4,9 +4,9 @@
     python step6_multimodal/probe_encoder.py --checkpoint other.pt
 
 It draws pictures of ONE shape, takes the projector's vectors (the ones that replace the <image>
-tokens), keeps each feature's largest value over the image positions, and classifies the shape's
-colour and kind by the nearest class average (fitted on two thirds, tested on the rest). High
-accuracy: the information is there, plainly. It also compares the vectors' size with the token
+tokens) -- all of them for slots, each feature's largest value over the positions for patch
+tokens -- and classifies the shape's colour and kind by the nearest class average (fitted on two
+thirds, tested on the rest). High accuracy: the information is there, plainly. It also compares the vectors' size with the token
 embeddings' (EXPERIMENTS.md, section 3, is why).
 """
 import argparse
@@ -43,7 +43,9 @@ def main(argv=None):
     scenes = [random_scene(rng, 1) for _ in range(args.n)]
     with torch.no_grad():
         vectors = vlm.image_features(torch.stack([to_tensor(draw(s)) for s in scenes]))
-    pooled = vectors.max(dim=1).values.numpy()
+    # patch tokens: a shape can sit at any position, so keep each feature's largest value over them;
+    # slots: which slot holds the shape is the point (slot i is the i-th colour), so keep them all
+    pooled = (vectors.flatten(1) if vlm.vision_config.slots else vectors.max(dim=1).values).numpy()
     n_fit = 2 * args.n // 3
     result = {"colour": nearest_mean_accuracy(pooled, np.array([s[0].colour for s in scenes]), n_fit),
               "kind": nearest_mean_accuracy(pooled, np.array([s[0].kind for s in scenes]), n_fit),

@@ -1,19 +1,21 @@
-"""The vision-language model: a tiny ViT sees, a projector translates, the language model talks.
+"""The vision-language model: a tiny ViT sees, a resampler gathers, a projector translates, the language model talks.
 
     image (3, 32, 32) --patches 4x4--> 64 patch vectors --ViT blocks--> 64 "seen" vectors
-        --pixel shuffle 2x2--> 16 vectors --LayerNorm + MLP--> 16 vectors of the LM's width
-    "<|im_start|>user\\n <image> x16 \\nWhat colour is the circle?<|im_end|>..."
-        model.embed(ids): the 16 <image> rows are overwritten by those 16 vectors -> model(inputs_embeds=...)
+        --resampler: 6 learned queries read them--> 6 slot vectors --LayerNorm + MLP--> 6 vectors of the LM's width
+    "<|im_start|>user\\nWhat colour is the circle?\\n <image> x6 <|im_end|>..."
+        model.embed(ids): the 6 <image> rows are overwritten by those 6 vectors -> model(inputs_embeds=...)
 
-Everything the language model knows about the image passes through the 16 overwritten rows;
-the question's tokens read them with ordinary (causal) attention, as they read earlier words.
+Everything the language model knows about the image passes through the overwritten rows; the
+answer's tokens read them with ordinary (causal) attention, as they read earlier words.
 
 Why a ViT and not the common model's Block: a Block is causal and orders its positions with
 RoPE, but a picture has no "earlier" patch: every patch must see every other, and where a patch
 sits is a learned 2-D position embedding. PyTorch's nn.TransformerEncoderLayer is exactly such a
-bidirectional pre-norm block. Why pixel shuffle (nanoVLM's): 4x4 patches keep small shapes
-intact, and folding each 2x2 group of patch vectors into one (4x wider) vector gives the language
-model 16 positions instead of 64, at no loss of information.
+bidirectional pre-norm block. Why a resampler (Flamingo's, BLIP-2's): stage 0 teaches slot i to
+report the shape of the i-th colour, so the language model finds "the red one" at the same image
+position in every picture instead of searching 16 patch tokens for it (EXPERIMENTS.md measures
+both). VisionConfig(slots=0) gives LLaVA's way instead: every patch vector is kept, and nanoVLM's
+pixel shuffle folds each 2x2 group into one (4x wider) vector: 16 image positions.
 
     vlm = VisionLanguageModel(lm, VisionConfig(), image_token_id=tok.image_id)
     logits, loss = vlm(idx, images, targets)        # images: (n, 3, 32, 32), one per <image> tag
@@ -41,9 +43,10 @@ class VisionConfig:
     width: int = 128        # the encoder's vector size
     n_layer: int = 2
     n_head: int = 4
-    shuffle: int = 2        # pixel shuffle: fold shuffle x shuffle neighbouring patches into one token
+    slots: int = 6          # a resampler's learned queries: this many image tokens (stage 0: one per colour)
+    shuffle: int = 2        # slots=0: keep the patches, folding shuffle x shuffle neighbours into one token
     projector_hidden: int = 512
-    norm_output: bool = False  # RMSNorm the image vectors to the size of word vectors (EXPERIMENTS.md: it hurt)
+    norm_output: bool = True   # RMSNorm the image vectors to the size of word vectors (EXPERIMENTS.md)
 
     def __post_init__(self):
         grid = self.image_size // self.patch_size
@@ -58,10 +61,11 @@ class VisionConfig:
     @property
     def n_image_tokens(self) -> int:
         """How many positions one image takes in the language model's sequence."""
-        return (self.grid // self.shuffle) ** 2
+        return self.slots or (self.grid // self.shuffle) ** 2
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
+        d = {"slots": 0, **d}  # saved before the resampler existed: patch tokens
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
@@ -85,13 +89,42 @@ class VisionEncoder(nn.Module):
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(config.n_layer))
         self.norm = nn.LayerNorm(config.width)
+        self.resampler = Resampler(config) if config.slots else None
 
-    def forward(self, images):
+    def patches(self, images):
         """(n, 3, H, W) -> (n, grid*grid, width), patches in reading order (row by row)."""
         x = self.patch_embed(self.stem(images)).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def forward(self, images):
+        """What the projector gets: the patch vectors, or the resampler's slots (n, slots, width)."""
+        patches = self.patches(images)
+        return self.resampler(patches) if self.resampler is not None else patches
+
+
+class Resampler(nn.Module):
+    """Learned queries that read the patches (Flamingo's Perceiver Resampler, BLIP-2's Q-Former, in
+    one block): query i attends over all patches and keeps what it finds, so the picture reaches the
+    language model as `slots` vectors however many patches it has. Stage 0 gives each query a job
+    (pretrain_encoder.py): slot i reports the shape of the i-th colour, so "the red one" is always
+    the same image position."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, config.slots, config.width) * 0.02)
+        self.norm_patches = nn.LayerNorm(config.width)
+        self.attend = nn.MultiheadAttention(config.width, config.n_head, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(config.width), nn.Linear(config.width, 4 * config.width), nn.GELU(),
+                                 nn.Linear(4 * config.width, config.width))
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, patches):
+        kv = self.norm_patches(patches)
+        q = self.queries.expand(patches.size(0), -1, -1)
+        x = q + self.attend(q, kv, kv, need_weights=False)[0]
+        return self.norm(x + self.mlp(x))
 
 
 def pixel_shuffle(x, grid: int, factor: int):
@@ -104,18 +137,19 @@ def pixel_shuffle(x, grid: int, factor: int):
 
 
 class Projector(nn.Module):
-    """Encoder vectors -> the language model's embedding space: pixel shuffle, LayerNorm, 2-layer MLP
-    (minimind-v's and LLaVA-1.5's projector, with nanoVLM's pixel shuffle in front)."""
+    """Encoder vectors -> the language model's embedding space: LayerNorm, 2-layer MLP (minimind-v's
+    and LLaVA-1.5's projector), then an RMSNorm to word size; patch vectors (slots=0) are first
+    folded by nanoVLM's pixel shuffle."""
 
     def __init__(self, config: VisionConfig, lm_width: int):
         super().__init__()
         self.config = config
-        folded = config.width * config.shuffle ** 2
+        folded = config.width if config.slots else config.width * config.shuffle ** 2
         self.norm = nn.LayerNorm(folded)
         self.mlp = nn.Sequential(nn.Linear(folded, config.projector_hidden), nn.GELU(),
                                  nn.Linear(config.projector_hidden, lm_width))
-        # Optional: image vectors kept as large as word vectors. Unchecked they grow ~85 times larger;
-        # checking them was measured to hurt (EXPERIMENTS.md), so it is off by default.
+        # Image vectors kept as large as word vectors: unchecked they grow ~85 times larger, and the
+        # layers' additions can hardly change what sits at an image position (EXPERIMENTS.md).
         self.out_norm = RMSNorm(lm_width) if config.norm_output else nn.Identity()
 
     def match_scale(self, token_embeddings: torch.Tensor) -> None:
@@ -125,7 +159,9 @@ class Projector(nn.Module):
                 self.out_norm.weight.fill_(float(token_embeddings.float().pow(2).mean().sqrt()))
 
     def forward(self, x):
-        return self.out_norm(self.mlp(self.norm(pixel_shuffle(x, self.config.grid, self.config.shuffle))))
+        if not self.config.slots:  # patch vectors: fold neighbours; slots are few already
+            x = pixel_shuffle(x, self.config.grid, self.config.shuffle)
+        return self.out_norm(self.mlp(self.norm(x)))
 
 
 class VisionLanguageModel(nn.Module):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.checkpoint import load_checkpoint
 from common.cli import UserError
 from common.model import IGNORE_INDEX, ModelConfig, Transformer
 from step1_tokenizer.bpe import Tokenizer, load_tokenizer, tokenizer_fingerprint
@@ -20,8 +21,9 @@ from step6_multimodal.chat import ImageChatSession
 from step6_multimodal.data import (QUESTION_KINDS, caption, collate_images, conversation_about,
                                    encode_image_conversation, generated_batch, held_out_set, load_image_examples)
 from step6_multimodal.evaluate import answer, eval_examples, last_answer_only, score
-from step6_multimodal.images import (IMAGE_SIZE, Shape, draw, load_image, load_pixels, random_scene, save_png,
+from step6_multimodal.images import (IMAGE_SIZE, KINDS, Shape, draw, load_image, load_pixels, random_scene, save_png,
                                      to_tensor)
+from step6_multimodal.pretrain_encoder import COLOUR_NAMES, patch_labels
 from step6_multimodal.vision import VisionConfig, VisionLanguageModel, load_vlm, pixel_shuffle
 
 QUICK_VISION = train_vlm.QUICK_VISION
@@ -54,14 +56,15 @@ def trained(quick_run):
 
 
 @pytest.mark.verifies(6, "The number of image positions equals what the encoder produces")
-@pytest.mark.parametrize("vision", [VisionConfig(), QUICK_VISION], ids=["default", "quick"])
-def test_image_positions_match_encoder(byte_tok, vision):
+@pytest.mark.parametrize("vision, n", [(VisionConfig(), 6), (VisionConfig(slots=0), 16), (QUICK_VISION, 6)],
+                         ids=["default", "patch_tokens", "quick"])
+def test_image_positions_match_encoder(byte_tok, vision, n):
     vlm = tiny_vlm(vision=vision)
     messages = conversation_about(random_scene(np.random.default_rng(1), 2), "left_right", np.random.default_rng(1))
     ids, _ = encode_image_conversation(byte_tok, messages, vlm.n_image_tokens)
     features = vlm.image_features(to_tensor(scene_picture())[None])
-    assert ids.count(byte_tok.image_id) == features.shape[1] == vision.n_image_tokens
-    assert vision.n_image_tokens == (vision.image_size // vision.patch_size // vision.shuffle) ** 2
+    assert ids.count(byte_tok.image_id) == features.shape[1] == vision.n_image_tokens == n
+    # the resampler's slots (one per colour), or every patch folded 2x2 by pixel shuffle: (32/4/2)^2
     # one image too few or too many is a clear error, not a shape error deep inside
     idx = torch.tensor([ids])
     with pytest.raises(UserError, match="every <image> tag needs one image"):
@@ -120,14 +123,56 @@ def test_stage1_freezes_language_model(quick_run, tmp_path):
     assert any(not torch.equal(encoder_before[k], v) for k, v in vlm.encoder.state_dict().items())
 
 
+@pytest.mark.verifies(6, "Stage 0's labels name, patch by patch, the colour, kind and centre of the shape covering it")
+def test_stage0_patch_labels():
+    # a red square filling the top-left 8x8 pixels and a blue triangle in the box x 16..27, y 16..27;
+    # 4x4-pixel patches: an 8x8 grid, reading order
+    square, triangle = Shape("square", "red", 0, 0, 8), Shape("triangle", "blue", 16, 16, 12)
+    labels = patch_labels([square, triangle], patch_size=4)
+    colour, kind = labels["colour"].reshape(8, 8), labels["kind"].reshape(8, 8)
+    red, blue = COLOUR_NAMES.index("red") + 1, COLOUR_NAMES.index("blue") + 1
+    assert (colour[:2, :2] == red).all() and (kind[:2, :2] == KINDS.index("square") + 1).all()
+    # the triangle (apex at the top centre, x 22): its top row of patches (y 16..19) covers half of the
+    # middle patch and nothing else; the next rows cover a quarter or more of all three columns (x 16..27)
+    assert colour[4].tolist() == [0, 0, 0, 0, 0, blue, 0, 0]
+    assert colour[5].tolist() == colour[6].tolist() == [0, 0, 0, 0, blue, blue, blue, 0]
+    assert set(kind[colour == blue].tolist()) == {KINDS.index("triangle") + 1}
+    assert (colour > 0).sum() == 4 + 7  # nothing else is labelled
+    assert labels["centre"][0].tolist() == [-0.75, -0.75]  # the square's centre (4, 4) on a -1..1 scale
+    assert labels["centre"][6 * 8 + 5].tolist() == [0.375, 0.375]  # the triangle's (22, 22)
+    assert not labels["centre"][colour.ravel() == 0].any()
+    empty = patch_labels([], patch_size=4)
+    assert not empty["colour"].any() and not empty["kind"].any()
+
+
+@pytest.mark.verifies(6, "Stage 0 trains the encoder alone, and its patch loss falls")
+def test_stage0_trains_encoder_only(quick_run, tmp_path):
+    tok = load_tokenizer(quick_run.tokenizer)
+    from common.checkpoint import load_model
+
+    vlm = VisionLanguageModel(load_model(quick_run.model), VisionConfig(), tok.image_id)
+    before = {k: v.clone() for k, v in vlm.state_dict().items()}
+    settings = {**train_vlm.PROFILES["quick"], "stage0_steps": 60, "stage0_batch_size": 16}
+    result = train_vlm.see(vlm, settings, seed=0, device=torch.device("cpu"), out_dir=tmp_path)
+    changed = {k.split(".")[0] for k, v in vlm.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed == {"encoder"}  # the resampler is part of the encoder; projector and LM untouched
+    losses = load_checkpoint(tmp_path / "stage0_checkpoint.pt")["history"]["loss"]
+    # guessing: ln 7 (a patch's colour) + ln 4 (its kind) + ln 4 (a slot's kind) = 4.7 nats, plus the centres' error
+    assert losses[0] > 4.7 and np.mean(losses[-5:]) < 3.0
+    assert set(result["patch_accuracy"]) == {"colour", "kind", "centre_error_pixels", "slot_kind", "slot_empty",
+                                             "slot_centre_error_pixels"}
+
+
 @pytest.mark.verifies(6, "The projector maps the encoder's width to the model's width")
 def test_projector_widths():
-    vision = VisionConfig(width=48, n_head=4, stem_width=8, norm_output=True)  # the options too
-    vlm = tiny_vlm(vision=vision)
     images = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
-    seen = vlm.encoder(images)
-    assert seen.shape == (3, vision.grid ** 2, 48)
-    assert vlm.projector(seen).shape == (3, vision.n_image_tokens, vlm.config.n_embd)
+    for slots in (6, 0):  # the resampler's slots; every patch, pixel-shuffled (and a stem: the options too)
+        vision = VisionConfig(width=48, n_head=4, stem_width=8, slots=slots)
+        vlm = tiny_vlm(vision=vision)
+        assert vlm.encoder.patches(images).shape == (3, vision.grid ** 2, 48)
+        seen = vlm.encoder(images)
+        assert seen.shape == (3, slots or vision.grid ** 2, 48)
+        assert vlm.projector(seen).shape == (3, vision.n_image_tokens, vlm.config.n_embd)
     # pixel shuffle folds each 2x2 square of neighbouring patches into one vector, in reading order
     grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid of patch numbers
     assert pixel_shuffle(grid, 4, 2)[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
@@ -266,7 +311,14 @@ def test_training_outputs(trained):
     written = json.loads((out / "metrics.json").read_text())
     assert written["vqa_acc"] == result["vqa_acc"] and written["params"] == result["params"]
     assert result["stage1"]["train_seconds"] > 0 and result["stage2"]["train_seconds"] > 0
-    assert result["stage1"]["trainable_params"] == result["params"]["encoder"] + result["params"]["projector"]
+    params = result["params"]
+    # stage 0: the encoder and its labelling heads; then the encoder is frozen: stage 1 trains the
+    # projector alone, stage 2 the projector and the language model
+    heads = result["stage0"]["trainable_params"] - params["encoder"]
+    assert heads == 13 * QUICK_VISION.width + 13 + 6 * QUICK_VISION.width + 6  # (7 colours, 4 kinds, x, y), (4 kinds, x, y)
+    assert result["stage1"]["trainable_params"] == params["projector"]
+    assert result["stage2"]["trainable_params"] == params["projector"] + params["language_model"]
+    assert set(result["stage0"]["patch_accuracy"]) >= {"colour", "kind", "slot_kind"}
     assert set(result["params"]) == {"encoder", "projector", "language_model"}
     assert (out / "answers.png").stat().st_size > 1000
     # the scores are what the greedy answers say
@@ -305,7 +357,8 @@ def test_notebook_runs():
 
     notebook = run_notebook("step6_multimodal/step6_multimodal.ipynb")
     text = outputs_text(notebook)
-    assert "(16 of them)" in text and "loss on an image position: False" in text
+    assert "(6 of them)" in text and "loss on an image position: False" in text
+    assert "slots by hand == the encoder: True" in text
     assert "patch embedding as one matrix == the conv: True" in text
     assert "same embeddings as vision.py: True" in text
     assert has_image(notebook)
@@ -314,8 +367,7 @@ def test_notebook_runs():
 def test_lora_stage2_trains_only_adapters_and_saves_a_plain_model(quick_run, tmp_path):
     result = train_vlm.main(["--quick", "--checkpoint", str(quick_run.model), "--tokenizer", str(quick_run.tokenizer),
                              "--out", str(tmp_path), "--lora_r", "4", "--stage1_steps", "2", "--stage2_steps", "3"])
-    vision_params = result["params"]["encoder"] + result["params"]["projector"]
-    lora_params = result["stage2"]["trainable_params"] - vision_params
+    lora_params = result["stage2"]["trainable_params"] - result["params"]["projector"]  # the encoder is frozen
     assert 0 < lora_params < result["params"]["language_model"] / 4  # the adapters, not the whole LM
     assert result["stage2_lm"] == "lora r=4"
     vlm = load_vlm(result["model_path"])  # merged: the same keys as a model trained without LoRA
