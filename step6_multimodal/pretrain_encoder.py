@@ -5,19 +5,23 @@ hundreds of millions of pictures. Ours starts from random weights, and the langu
 answers are a weak, slow signal for it: trained only through them, the encoder learned colour and
 "how much is coloured" but read a lone shape's kind at chance (EXPERIMENTS.md, sections 3 and 5).
 So it gets its own pretraining, as CLIP does -- with labels instead of captions, because our
-pictures come with them for free: for every patch, which shape covers it.
+pictures come with them for free: for every patch, which shape covers it; for every slot of the
+resampler, the shape of that slot's colour.
 
     patch (r, c) of a picture  ->  encoder  ->  head  ->  colour of the shape covering it (or none)
                                                           kind of that shape (circle, square, triangle, none)
                                                           where that shape's centre is (x, y)
+    slot i (the i-th colour)   ->  resampler -> slot head -> kind of the shape of that colour (or none)
+                                                              where its centre is (x, y)
 
 A 4x4-pixel patch inside a square looks exactly like one inside a circle: to name the kind, a
 patch must look at its neighbours, which is what the encoder's attention is for. And every patch
 of a shape learns to say where the whole shape is, which left/right and above/below questions need.
-The head is thrown away afterwards; the encoder keeps what it learned, and stages 1 and 2 go on
-training it.
+The heads are thrown away afterwards; the encoder keeps what it learned and is frozen (unless
+train_vlm.py --tune_encoder).
 
-    losses = pretrain_encoder(vlm.encoder, steps=600, batch_size=64, lr=3e-3, seed=0, device=cpu)
+    labeller = PatchLabeller(vlm.encoder)                        # train_vlm.see() does this
+    outputs, loss = labeller(**labelled_batch(64, patch_size=4, seed=0, step=0))
 """
 import numpy as np
 import torch

@@ -45,9 +45,9 @@ from step6_multimodal.vision import (VisionConfig, VisionLanguageModel, paramete
                                      vlm_checkpoint_meta)
 
 MAKE_LM = "python step4_sft/train_sft.py"
-# Any flag given on the command line wins over its profile. The encoder and projector start from
-# random weights, so stage 1 can take a larger learning rate than stage 2, which also moves the
-# trained language model. Step counts are sized to the 10-minute budget (README: what they measured).
+# Any flag given on the command line wins over its profile. Stages 0 and 1 train parts that start
+# from random weights (the encoder; the projector), so they take a larger learning rate than stage 2,
+# which also moves the trained language model. Step counts are sized to the 10-minute budget (README: what they measured).
 PROFILES = {
     "quick": dict(stage0_steps=10, stage0_batch_size=8, lr0=3e-3, stage1_steps=15, stage2_steps=25, batch_size=8,
                   lr1=2e-3, lr2=1e-3, warmup_steps=3, eval_per_kind=8),  # and QUICK_VISION below
@@ -67,7 +67,7 @@ def add_args(parser):
                         help="the language model (default out/step4/sft_model.pt, step 4's chat model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
     parser.add_argument("--data", default=None, help="stage 2 on this JSONL of image conversations "
-                        "instead of generated ones (see data.py for the format)")
+                        "instead of generated ones (see data.py for the format; consider --tune_encoder)")
     parser.add_argument("--strict", action="store_true", help="with --data: stop at the first bad line")
     parser.add_argument("--out", default=None, help="output folder (default out/step6)")
     parser.add_argument("--lora_r", type=int, default=0,
@@ -76,10 +76,10 @@ def add_args(parser):
     parser.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scale alpha (default 16)")
     parser.add_argument("--tune_encoder", action="store_true",
                         help="keep training the encoder in stages 1 and 2 (default: frozen after stage 0, as LLaVA "
-                             "keeps its CLIP frozen)")
+                             "keeps its CLIP frozen; with --stage0_steps 0 it is never frozen)")
     parser.add_argument("--patch_tokens", action="store_true",
-                        help="LLaVA's way: hand the language model every patch vector (pixel-shuffled to 16 image "
-                             "tokens) instead of the resampler's 6 slots")
+                        help="LLaVA's way: hand the language model every patch vector (pixel-shuffled: 16 image "
+                             "tokens at the default size) instead of the resampler's 6 slots")
     for key, value in PROFILES["default"].items():
         parser.add_argument(f"--{key}", type=type(value), default=None,
                             help=f"default {value} (quick: {PROFILES['quick'][key]})")

@@ -65,7 +65,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VisionConfig":
-        d = {"slots": 0, **d}  # saved before the resampler existed: patch tokens
+        d = {"slots": 0, "norm_output": False, **d}  # saved before these existed: their old behaviour
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
