@@ -53,7 +53,7 @@ class _QuickAction(argparse.Action):
 # default profile); tests/test_foundation.py checks that the two agree.
 QUICK_MODEL_NOTE = ("a seconds-long smoke-test model: it cannot answer yet (accuracies of 0 % and empty or "
                     "repeated replies are expected); a model that chats takes the default profile, about "
-                    "15 minutes of training on a 2-core CPU (steps 3 and 4; README.md, Results)")
+                    "11 minutes of training on a 2-core CPU (steps 3 and 4; README.md, Results)")
 
 
 def add_quick_arg(parser: argparse.ArgumentParser, help: str = "tiny sizes that finish in seconds "

@@ -49,8 +49,8 @@ IGNORE_INDEX = -100  # targets equal to this are not scored (prompt tokens, padd
 
 @dataclass
 class ModelConfig:
-    # defaults: the model step 3 trains in its default profile (~4M parameters)
-    vocab_size: int = 4096      # step 1's default tokenizer
+    # defaults: the shape step 3 trains in its default profile; step 3 sets vocab_size from its tokenizer
+    vocab_size: int = 4096      # what step 1 asks for; the world's tokenizer stops earlier (tok.vocab_size)
     block_size: int = 256       # longest sequence the model sees (context length)
     n_layer: int = 4
     n_head: int = 8             # query heads

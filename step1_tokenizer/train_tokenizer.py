@@ -4,8 +4,9 @@
     python step1_tokenizer/train_tokenizer.py --quick         # seconds: small corpus, 512 tokens
     python step1_tokenizer/train_tokenizer.py --input notes.txt --vocab_size 2000 --out out/notes_tok.json
 
-Writes the tokenizer (readable JSON, default out/tokenizer.json) and the
-step's figures to out/step1/metrics.json.
+Writes the tokenizer (readable JSON, default out/tokenizer.json) and, for that tutorial
+tokenizer, the step's figures to out/step1/metrics.json; a tokenizer written elsewhere (--out)
+only prints its figures.
 """
 import sys
 import pathlib
@@ -104,14 +105,16 @@ def main(argv=None):
         "bytes_per_token": round(bytes_per_token, 3),
         "encode_mb_per_s": round(mb_per_s, 2),
     }
-    write_metrics(1, results)
+    is_default = pathlib.Path(args.out).resolve() == pathlib.Path(default_tokenizer_path()).resolve()
+    if is_default:
+        write_metrics(1, results)  # the tutorial's tokenizer; another one (--out) leaves step 1's figures alone
     print(f"trained in {train_seconds:.1f} s; held-out text: {bytes_per_token:.2f} bytes per token; "
           f"encoding: {mb_per_s:.1f} MB/s")
     print("longest tokens:", ", ".join(
         repr(tok.decode([i])) for i in sorted(range(256, 256 + len(tok.merges)),
                                               key=lambda i: -len(tok.token_bytes(i)))[:8]))
     show = "python step1_tokenizer/show_tokens.py"
-    show += f" --tokenizer {args.out}" if args.out != default_tokenizer_path() else ""
+    show += "" if is_default else f" --tokenizer {args.out}"
     print(f"saved {args.out}; next: {next_command(show)}")
     return results
 

@@ -1,7 +1,7 @@
 """Pretraining: teach the model to predict the next token of the corpus.
 
     python step3_pretrain/data.py            # tokenize the corpus first
-    python step3_pretrain/train_pretrain.py  # default profile: ~10 minutes on a laptop CPU
+    python step3_pretrain/train_pretrain.py  # the default profile: minutes on a laptop CPU
     python step3_pretrain/train_pretrain.py --resume       # continue an interrupted run exactly
     torchrun --nproc_per_node=2 step3_pretrain/train_pretrain.py   # DDP, one share of the batch each
 
@@ -33,7 +33,7 @@ from step2_model.inspect_model import count_trainable
 from step3_pretrain.data import load_tokens, random_windows
 from step3_pretrain.eval_ppl import evaluate_stream, token_byte_lengths
 
-# Sizes for each profile. "default" fits ~10 minutes on a 2-core laptop CPU;
+# Sizes for each profile. "default" fits the 10-minute budget on a 2-core laptop CPU;
 # "gpu" is chosen automatically on CUDA. Any flag given on the command line wins.
 # "quick" (common.model.QUICK_CONFIG) has the default's context, so that step 4's quick conversations
 # fit it whole; two rows a step keep its tokens per step small.
@@ -132,8 +132,7 @@ def main(argv=None):
         if peak:
             achieved = flops_per_token(config, n_params) * result["tokens_per_sec"] / dist.world_size
             metrics["mfu"] = round(achieved / peak, 4)
-    if out_dir == step_dir(3):
-        write_metrics(3, metrics)
+    write_metrics(3, metrics, folder=out_dir)
     print(f"val loss {final['loss']:.3f}  perplexity {final['ppl']:.2f}  {final['bpb']:.3f} bits/byte  "
           f"({result['tokens_per_sec']:,.0f} tokens/s, {result['train_seconds']:.0f} s)")
     print("sample:\n" + samples[0])

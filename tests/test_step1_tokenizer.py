@@ -242,6 +242,9 @@ def test_train_script_quick(tmp_path, monkeypatch):
     assert metrics["bytes_per_token"] == round(n_bytes / n_tokens, 3)
     assert metrics["bytes_per_token"] > 2.0  # 512 tokens already beat raw bytes (1.0) by far
     assert metrics["train_seconds"] > 0 and metrics["encode_mb_per_s"] > 0
+    # a tokenizer written elsewhere (--out) leaves the tutorial tokenizer's figures as they are
+    train_tokenizer.main(["--quick", "--vocab_size", "300", "--out", str(tmp_path / "other.json")])
+    assert json.loads((tmp_path / "quick" / "step1" / "metrics.json").read_text()) == results
 
 
 @pytest.mark.verifies(1, "show_tokens.py shows each token in brackets and names the Chinese characters "
