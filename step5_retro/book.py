@@ -79,9 +79,77 @@ def renamed_world(world, names_from, rng):
                  {mapping[n]: p for n, p in world.pronouns.items()})
 
 
+def edited_world(world, rng, held_out=(), share: float = 0.2):
+    """(`world` with a random `share` of its facts given another value of the same relation, as
+    edit_db.py rewrites a fact; the edited facts). Facts in `held_out` ((entity, relation) pairs) keep
+    their values."""
+    values = {}
+    for f in world.facts:
+        values.setdefault(f.relation, set()).add(f.value)
+    held_out = set(held_out)
+    free = [f for f in world.facts if (f.entity, f.relation) not in held_out]
+    if not free:
+        raise UserError("edited_world: every fact of the world is held out; there is nothing to edit")
+    overrides = {}
+    for f in rng.sample(free, max(1, round(share * len(free)))):
+        choices = sorted(values[f.relation] - {f.value, f.entity})
+        if choices:
+            overrides[f.entity, f.relation] = rng.choice(choices)
+    edited = apply_overrides(world, overrides)
+    return edited, [f for f in edited.facts if (f.entity, f.relation) in overrides]
+
+
+def answerable_questions(world, facts, tokenizer, chunk_size: int, k: int, rng):
+    """(fact, question, answer, passages) for each of `facts` whose k passages, retrieved from the
+    world's own small database, state it (the reader must never learn to answer without reading);
+    the passages in a random order, so the answer's is not always the first."""
+    from step5_retro.database import build_database
+
+    titles, documents = book_documents(world)
+    db = build_database(documents, tokenizer, None, chunk_size=chunk_size, k=1, titles=titles)
+    asked = [ask(fact, rng) for fact in facts]
+    ids, _ = db.search([question for question, _ in asked], k)
+    for fact, (question, answer), row in zip(facts, asked, ids):
+        passages = [db.passage(i) for i in row if i >= 0]
+        if any(holds_fact(p, world, fact) for p in passages):
+            rng.shuffle(passages)
+            yield fact, question, answer, passages
+
+
+def open_book_record(fact, question: str, answer: str, passages: list[str], **fields) -> dict:
+    """One open-book conversation: the passages and the question, then the answer in step 4's words."""
+    return {"task": "open_book", "kind": fact.relation, **fields, "fact": [fact.entity, fact.relation, fact.value],
+            "conversations": open_book_messages(question, passages) + [{"role": "assistant", "content": answer}]}
+
+
+def edited_records(tokenizer, n_examples: int, known, held_out, seed: int, chunk_size: int, k: int) -> list[dict]:
+    """`n_examples` open-book conversations about the world the model was trained on, with some of its
+    facts edited in the book (edited_world): two questions in three ask for an edited fact, so the
+    passage contradicts what the model remembers; the third asks for a fact left as it was, so the
+    lesson is "say what the passage says", not "avoid what you remember". held_out facts (the ones the
+    evaluation asks about) are never edited nor asked."""
+    rng, records, round_ = random.Random(seed), [], 0
+    held_out = set(held_out)
+    while len(records) < n_examples:
+        round_ += 1
+        if round_ > 50 and not records:  # retrieval never finds an asked fact: say so instead of looping
+            raise UserError(f"edited_records: no question's passages held its answer in 50 books "
+                            f"(chunk_size {chunk_size}, k {k}); use larger chunks or more passages")
+        world, edited = edited_world(known, rng, held_out)
+        unchanged = [f for f in world.facts if f not in edited and (f.entity, f.relation) not in held_out]
+        facts = edited + rng.sample(unchanged, min(len(unchanged), len(edited) // 2))
+        rng.shuffle(facts)
+        for fact, question, answer, passages in answerable_questions(world, facts, tokenizer, chunk_size, k, rng):
+            records.append(open_book_record(fact, question, answer, passages, world_seed=f"edited-{seed}-{round_}",
+                                            renamed=False, edited=fact in edited))
+            if len(records) == n_examples:
+                break
+    return records
+
+
 def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int = 32, k: int = 2,
                       avoid=(), first_world: int = 1000, size: str = "quick", known=None,
-                      known_share: float = 0.0) -> list[dict]:
+                      known_share: float = 0.0, edited_share: float = 0.0, held_out=()) -> list[dict]:
     """`n_examples` conversations {"task": "open_book", "kind", "world_seed", "fact", "conversations"}:
     passages retrieved from a re-drawn world's database, a question, the answer in step 4's words.
     Worlds that would name any of `avoid` (the database-only newcomers) are skipped; so is a question
@@ -89,12 +157,15 @@ def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int
     The passages come in a random order, so the answer's passage is not always the first.
     known_share: this share of the worlds is renamed to the entities of `known` (the world the model
     was pretrained on): its names with made-up facts, so the passages disagree with what the model
-    remembers and only reading gets the answer (the lesson an edited database needs)."""
-    from step5_retro.database import build_database
-
+    remembers and only reading gets the answer (the lesson an edited database needs).
+    edited_share: this share of the conversations is about `known` itself with facts edited in its
+    book (edited_records), none of `held_out`."""
+    if edited_share and known is None:
+        raise UserError("open_book_records: edited_share needs the world the model was trained on (known)")
+    n_edited = round(edited_share * n_examples)
     rng, records, world_seed = random.Random(seed), [], first_world + 10_000 * seed
     avoid = set(avoid)
-    while len(records) < n_examples:
+    while len(records) < n_examples - n_edited:
         world_seed += 1
         world = build_world(world_seed, size)
         renamed = known is not None and rng.random() < known_share
@@ -102,22 +173,15 @@ def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int
             world = renamed_world(world, known, rng)
         if avoid & set(world.entities):
             continue
-        titles, documents = book_documents(world)
-        db = build_database(documents, tokenizer, None, chunk_size=chunk_size, k=1, titles=titles)
         facts = rng.sample(world.facts, len(world.facts))
-        asked = [ask(fact, rng) for fact in facts]
-        ids, _ = db.search([question for question, _ in asked], k)
-        for fact, (question, answer), row in zip(facts, asked, ids):
-            passages = [db.passage(i) for i in row if i >= 0]
-            if not any(holds_fact(p, world, fact) for p in passages):
-                continue
-            rng.shuffle(passages)
-            records.append({"task": "open_book", "kind": fact.relation, "world_seed": world_seed,
-                            "renamed": renamed,
-                            "fact": [fact.entity, fact.relation, fact.value], "conversations":
-                            open_book_messages(question, passages) + [{"role": "assistant", "content": answer}]})
-            if len(records) == n_examples:
+        for fact, question, answer, passages in answerable_questions(world, facts, tokenizer, chunk_size, k, rng):
+            records.append(open_book_record(fact, question, answer, passages, world_seed=world_seed,
+                                            renamed=renamed))
+            if len(records) == n_examples - n_edited:
                 break
+    if n_edited:
+        records += edited_records(tokenizer, n_edited, known, held_out, seed, chunk_size, k)
+        rng.shuffle(records)
     return records
 
 

@@ -91,6 +91,14 @@ def questions(world, newcomers: list[str], n_ordinary: int, n_edits: int, seed: 
     return [item(f) for f in new_facts], [item(f) for f in old_facts[:n_ordinary]], edits
 
 
+def asked_facts(profile: str, seed: int = 0) -> set[tuple[str, str]]:
+    """(entity, relation) of every ordinary and edited fact this evaluation asks about (with its default
+    seed): the open-book fine-tune never edits nor asks them (sft_open_book.py --edited_share)."""
+    world, newcomers = extended_world(quick=profile == "quick")
+    _, old_items, edit_items = questions(world, newcomers, ORDINARY[profile], EDITS[profile], seed)
+    return {(it["fact"].entity, it["fact"].relation) for it in old_items + edit_items}
+
+
 def recall_at_k(db, world, items, k: int) -> float:
     ids, _ = db.search([it["question"] for it in items], k)
     return sum(any(holds_fact(db.passage(i), world, it["fact"]) for i in row if i >= 0)
@@ -199,8 +207,7 @@ def main(argv=None):
         if rows:
             write_jsonl(rows, out_dir / name)
             written.append(str(out_dir / name))
-    if out_dir == step_dir(5):
-        write_metrics(5, metrics)
+    write_metrics(5, metrics, folder=out_dir)
     if not args.retro_only:
         written.insert(0, str(plot(metrics, out_dir / "retrieval_qa.png")))
     print(f"wrote {', '.join(written) or 'no file'} in {metrics['eval_seconds']:.0f} s")

@@ -110,8 +110,7 @@ def main(argv=None):
                "final_train_loss": round(result["final_train_loss"], 4),
                **{f"val_answer_loss_{mode}": figures[mode]["loss"] for mode in NEIGHBOUR_MODES},
                **{f"val_answer_token_acc_{mode}": figures[mode]["fact_acc"] for mode in NEIGHBOUR_MODES}}
-    if out_dir == step_dir(5):
-        write_metrics(5, metrics, section="retro_sft")
+    write_metrics(5, metrics, section="retro_sft", folder=out_dir)
     print(f"{'validation questions (worlds never trained on)':48s} {'answer loss':>11s} {'token acc':>9s}")
     for mode, label in zip(NEIGHBOUR_MODES, ("its neighbours", "retrieval off", "random neighbours")):
         print(f"{'Retro SFT, ' + label:48s} {figures[mode]['loss']:11.4f} {figures[mode]['fact_acc']:9.1%}")

@@ -169,8 +169,7 @@ def main(argv=None):
         metrics["gpt_val_ppl"] = plain_figures["ppl"]
         metrics["fact_ppl_drop"] = round(1 - figures["retrieved"]["fact_ppl"] / plain_figures["fact_ppl"], 4)
         metrics["no_retrieval_ppl_change"] = round(figures["off"]["ppl"] / plain_figures["ppl"] - 1, 4)
-    if out_dir == step_dir(5):
-        write_metrics(5, {args.mode: metrics}, section="retro")
+    write_metrics(5, {args.mode: metrics}, section="retro", folder=out_dir)
     print_report(metrics)
     print(f"saved {out_dir / (name + '.pt')}, loss curves in {plot}")
     if args.mode == "from_scratch":

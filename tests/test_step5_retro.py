@@ -5,6 +5,7 @@ script tests run the quick pipeline (build_db, sft_open_book, ask, eval_retrieva
 session's quick tokenizer and model (tests/conftest.py, quick_run).
 """
 import json
+import random
 import re
 
 import numpy as np
@@ -14,13 +15,13 @@ import torch
 from common.cli import UserError
 from common.model import ModelConfig, Transformer
 from common.world.corpus import generated_documents
-from common.world.world import Fact, add_newcomers, build_world, generate_documents
+from common.world.world import Fact, add_newcomers, apply_overrides, build_world, generate_documents
 from step1_tokenizer.bpe import Tokenizer, train_bpe
 from step4_sft.blend import blend, parse_blend
 from step4_sft.tasks import make_datasets
 from step5_retro import ask, build_db, edit_db, eval_retrieval, sft_open_book
-from step5_retro.book import (book_documents, edit_book, extended_world, holds_fact, open_book_messages,
-                              open_book_records)
+from step5_retro.book import (book_documents, edit_book, edited_world, extended_world, holds_fact,
+                              open_book_messages, open_book_records)
 from step5_retro.database import build_database, load_database, tokenizer_sha
 from step5_retro.scoring import exact_match, normalize, token_f1
 
@@ -160,8 +161,8 @@ def test_newcomers_keep_every_existing_fact():
     assert links <= set(base.names("place")) | names  # existing towns, or other newcomers
 
 
-@pytest.mark.verifies(5, "Editing the database changes the retrieved passage and the answer without "
-                            "changing any weight")
+@pytest.mark.verifies(5, "Editing the database changes the retrieved passage and the reader's answer "
+                            "logits without changing any weight")
 def test_edit_changes_passage_and_answer_not_weights(quick_run, tmp_path):
     from step1_tokenizer.bpe import load_tokenizer
     from step4_sft.chat_template import encode_prompt
@@ -253,6 +254,28 @@ def test_renamed_worlds_tell_made_up_facts_about_known_names(tok):
         assert f.value in r["conversations"][0]["content"] and f.value in r["conversations"][1]["content"]
     differ = sum(real.get(f.entity, f.relation) != f.value for f in facts)
     assert differ > len(facts) // 2  # mostly not what the pretrained model remembers
+
+
+def test_edited_worlds_contradict_memory_but_never_on_the_evaluated_facts(tok):
+    real = build_world(0, "quick")
+    held_out = {(f.entity, f.relation) for f in real.facts[::3]}
+    world, edited = edited_world(real, random.Random(0), held_out)
+    assert edited and all((f.entity, f.relation) not in held_out and real.get(f.entity, f.relation) != f.value
+                          for f in edited)
+    assert all(world.get(e, r) == real.get(e, r) for e, r in held_out)  # held-out facts keep their values
+    assert sum(world.get(f.entity, f.relation) != f.value for f in real.facts) == len(edited)
+    records = open_book_records(tok, 60, seed=0, chunk_size=32, k=2, known=real, edited_share=0.5,
+                                held_out=held_out)
+    edited = [r for r in records if r.get("edited") is not None]
+    assert len(records) == 60 and len(edited) == 30
+    for r in edited:
+        fact = Fact(*r["fact"])
+        user, assistant = r["conversations"][0]["content"], r["conversations"][1]["content"]
+        assert (fact.entity, fact.relation) not in held_out
+        world = apply_overrides(real, {(fact.entity, fact.relation): fact.value})
+        assert holds_fact(user.rsplit("\nQuestion: ", 1)[0], world, fact) and fact.value in assistant
+        assert (real.get(fact.entity, fact.relation) != fact.value) == r["edited"]  # edited: not what was read
+    assert 10 <= sum(r["edited"] for r in edited) < 30  # mostly edited facts, some left as they were
 
 
 def test_blend_draws_each_source_by_its_weight():
