@@ -1,10 +1,10 @@
 """Ask the vision-language model about a picture.
 
-    python step6_multimodal/chat.py --image out/step6/samples/000.png
+    python step6_multimodal/chat.py --image out/step6/samples/001.png
     printf 'How many shapes are there?\\nIs there a red circle?\\n' | python step6_multimodal/chat.py --image pic.png
 
 Any PNG or JPEG works: it is converted and resized the way training pictures are (images.py).
-The picture goes into the first question (an "<image>" tag is put in front of it if you did not
+The picture goes into the first question (an "<image>" tag is put after it if you did not
 type one); later questions can refer back ("What colour is it?"). /reset forgets the conversation
 (the picture stays), /quit ends. The model knows what it was trained on: shapes on black.
 """

@@ -78,8 +78,8 @@ def add_args(parser):
                         help="keep training the encoder in stages 1 and 2 (default: frozen after stage 0, as LLaVA "
                              "keeps its CLIP frozen; with --stage0_steps 0 it is never frozen)")
     parser.add_argument("--patch_tokens", action="store_true",
-                        help="LLaVA's way: hand the language model every patch vector (pixel-shuffled: 16 image "
-                             "tokens at the default size) instead of the resampler's 6 slots")
+                        help="hand the language model every patch vector, as LLaVA does, pixel-shuffled as "
+                             "nanoVLM does (16 image tokens at the default size) instead of the resampler's 6 slots")
     for key, value in PROFILES["default"].items():
         parser.add_argument(f"--{key}", type=type(value), default=None,
                             help=f"default {value} (quick: {PROFILES['quick'][key]})")
@@ -147,6 +147,7 @@ def main(argv=None):
     seed_everything(args.seed)
     settings = resolve_profile(args, device, PROFILES)
     out_dir = pathlib.Path(args.out or step_dir(6))
+    default_out = out_dir.resolve() == step_dir(6).resolve()  # out/step6 (out/quick/step6 with --quick)
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
     lm = load_model(args.checkpoint or step_dir(4) / "sft_model.pt", device, hint=MAKE_LM,
                     tokenizer_fingerprint=fingerprint)
@@ -196,12 +197,16 @@ def main(argv=None):
                "image_tokens": vlm.n_image_tokens, "held_out_questions": len(held_out),
                "stage2_lm": f"lora r={args.lora_r}" if args.lora_r else "all weights",
                "stage2_data": str(args.data) if args.data else "generated", "profile": settings["profile"]}
-    if out_dir == step_dir(6):
-        write_metrics(6, metrics)
+    write_metrics(6, metrics, folder=out_dir)
     print("held-out accuracy  " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in vqa.items()))
     print("blank picture      " + "  ".join(f"{k} {100 * v:.1f}%" for k, v in blank.items()))
     print(f"saved {model_path} after {metrics['train_seconds']:.0f} s of training; answers: {grid}")
-    print(f"next: {next_command(f'python step6_multimodal/chat.py --image {out_dir}/samples/000.png')}")
+    sample = step_dir(6) / "samples" / "001.png"  # one of data.py --create_sample's pictures
+    flags = ("" if default_out else f" --checkpoint {model_path}") + (f" --tokenizer {args.tokenizer}"
+                                                                       if args.tokenizer else "")
+    if not sample.exists():
+        print(f"first: {next_command('python step6_multimodal/data.py --create_sample')} (sample pictures)")
+    print(f"next: {next_command(f'python step6_multimodal/chat.py --image {sample}{flags}')}")
     return {**metrics, "model_path": model_path, "grid": grid}
 
 

@@ -381,3 +381,5 @@ def test_lora_stage2_trains_only_adapters_and_saves_a_plain_model(quick_run, tmp
     assert result["stage2_lm"] == "lora r=4"
     vlm = load_vlm(result["model_path"])  # merged: the same keys as a model trained without LoRA
     assert not any("lora" in key for key in vlm.state_dict())
+    # a run with --out keeps its figures beside its model
+    assert json.loads((tmp_path / "metrics.json").read_text())["stage2_lm"] == "lora r=4"
