@@ -14,7 +14,6 @@ replies to out/step4/eval_<section>.jsonl, and once full SFT and LoRA are both
 scored, a comparison plot to out/step4/sft_vs_lora.png.
 """
 import argparse
-import json
 import pathlib
 import sys
 import time
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from common.checkpoint import check_vocab
 from common.cli import UserError, add_common_args, next_command, run_main
 from common.device import pick_device
-from common.metrics import read_metrics, write_metrics
+from common.metrics import write_metrics
 from common.paths import step_dir
 from common.plot import new_figure, save_figure
 from step1_tokenizer.bpe import load_tokenizer_with_fingerprint
@@ -152,8 +151,7 @@ def main(argv=None):
                             f"run {next_command('python step4_sft/train_sft.py')}")
     records = load_eval_records(args.data or step_dir(4) / "sft_eval.jsonl", args.limit)
     tokenizer, fingerprint = load_tokenizer_with_fingerprint(args.tokenizer)
-    write = out_dir == step_dir(4)  # a run in a scratch folder leaves the step's report alone
-    results = {}
+    results, metrics = {}, {}
     for section, source in runs.items():
         model = load_chat_model(source["checkpoint"], source.get("lora"), device, tokenizer_fingerprint=fingerprint)
         check_vocab(model.config, tokenizer)
@@ -167,11 +165,10 @@ def main(argv=None):
             data.update(trainable_params=0, train_seconds=0.0, peak_memory_mb=None,
                         file_mb=file_mb(source["checkpoint"]))
         results[section] = data
-        if write:
-            write_metrics(4, data, section=section)
+        # out/step4/metrics.json, or the --out folder's own: a scratch run leaves the step's report alone
+        metrics = write_metrics(4, data, section=section, folder=out_dir)
         print(f"{section:>9}: " + "  ".join(f"{task} {100 * acc:.1f}%" for task, acc in accuracy.items()))
         print(f"{'':>9}  attention entropy per layer (nats): {data['attention_entropy']}")
-    metrics = read_metrics(4) if write else results
     if all("accuracy" in metrics.get(s, {}) for s in ("full_sft", "lora")):
         plot = plot_comparison(metrics, out_dir / "sft_vs_lora.png")
         print(f"wrote {plot}")

@@ -3,6 +3,7 @@
     python step4_sft/lora_sweep.py            # r = 1..128 on wq,wv and on all-linear, + full SFT: hours on a CPU
     python step4_sft/lora_sweep.py --quick    # seconds: the same on the quick model, ranks 1 and 8
     python step4_sft/lora_sweep.py --ranks 4,16 --targets q_proj,v_proj --limit 25
+    python step4_sft/lora_sweep.py --ranks 1,8 --targets all-linear@3e-3   # LAYERS@LR: its own learning rate
 
 Each run starts from the same pretrained model and trains with step 4's recipe (sft.py's
 setup and run_sft: LoRA as train_lora.py trains it, with its two token rows and no replay;
@@ -14,9 +15,15 @@ Learns Less and Forgets Less", measure the same trade).
 Results go to out/step4/lora_sweep/results.json (a run already there with the same settings
 is not trained again, so an interrupted sweep continues where it stopped), a summary to the
 lora_sweep section of out/step4/metrics.json, and the figure to out/step4/lora_sweep.png:
-accuracy per task against trainable parameters (log x), forgetting beside it.
+accuracy per task against trainable parameters (log x), forgetting beside it. The summary and
+the figure show every run in results.json made from the same base model, so sweeps run with
+other ranks or targets add up into one picture.
+
+All linear layers train at a lower learning rate than wq,wv (all-linear@3e-3), chosen by
+measurement (EXPERIMENTS.md, "What rank buys").
 """
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -40,7 +47,7 @@ from step4_sft.sft import LORA_PROFILES, PROFILES, add_sft_args, run_settings, r
 from step4_sft.tasks import TASKS
 
 RANKS = {"default": "1,2,4,8,16,32,64,128", "quick": "1,8"}
-TARGET_SETS = ("wq,wv", "all-linear")
+TARGET_SETS = ("wq,wv", "all-linear@3e-3")  # LAYERS[@learning rate]; without one, LoRA's default
 PRETRAIN_TOKENS = {"default": 100_000, "quick": 20_000}  # as step 3's own validation
 
 
@@ -49,10 +56,20 @@ def planned_runs(args, ranks: list[int]) -> list[dict]:
     runs = [dict(name="full_sft", kind="full SFT", replay=True), dict(name="full_sft_no_replay",
                                                                       kind="full SFT, no replay", replay=False)]
     for text in args.targets:
-        targets = parse_targets(text)
-        label = "all-linear" if text.strip() == "all-linear" else ",".join(targets)
-        runs += [dict(name=f"lora_{label.replace(',', '-')}_r{r}", kind=f"LoRA {label}", targets=list(targets),
-                      rank=r, replay=False) for r in ranks]
+        layers, _, lr_text = text.partition("@")
+        targets = parse_targets(layers)
+        label = "all-linear" if layers.strip() == "all-linear" else ",".join(targets)
+        lr = {}
+        if "@" in text:
+            try:
+                lr = {"lr": float(lr_text)}
+            except ValueError:
+                lr = {"lr": float("nan")}
+            if not 0 < lr["lr"] < float("inf"):
+                raise UserError(f"--targets {text!r}: after @ comes a learning rate above 0, e.g. all-linear@3e-3")
+        suffix = f"_lr{lr_text}" if lr_text else ""
+        runs += [dict(name=f"lora_{label.replace(',', '-')}_r{r}{suffix}", kind=f"LoRA {label}" + (
+            f", lr {lr_text}" if lr_text else ""), targets=list(targets), rank=r, replay=False, **lr) for r in ranks]
     return runs
 
 
@@ -63,14 +80,21 @@ def pretrain_loss(model, tokens, tokenizer, quick: bool) -> float:
                            max_tokens=PRETRAIN_TOKENS["quick" if quick else "default"], device=device)["loss"]
 
 
+def plan_settings(plan: dict, run: dict, args) -> dict:
+    """The training settings of one planned run: its profile (LoRA's or full SFT's), the user's flags, and
+    the run's own learning rate if its target set has one (LAYERS@LR)."""
+    profiles = LORA_PROFILES if "rank" in plan else PROFILES
+    return run_settings(argparse.Namespace(**{**vars(args), "lr": plan.get("lr", args.lr)}), run["device"],
+                        profiles, len(run["examples"]), run["dist"].world_size)
+
+
 def train_and_score(plan: dict, run: dict, args, base_state: dict, records, val_tokens, quick: bool) -> dict:
     """Fine-tune the base model as `plan` says, score it, and put the base weights back."""
     model, tokenizer = run["model"], run["tokenizer"]
     model.load_state_dict(base_state)
     seed_everything(args.seed)  # as each script starts: LoRA's A drawn as train_lora.py draws it
     lora = "rank" in plan
-    profiles = LORA_PROFILES if lora else PROFILES
-    settings = run_settings(args, run["device"], profiles, len(run["examples"]), run["dist"].world_size)
+    settings = plan_settings(plan, run, args)
     this_run = {**run, "settings": settings, "replay_rows": run["replay_rows"] if plan["replay"] else 0}
     if lora:
         apply_lora(model, plan["targets"], plan["rank"], token_ids=[tokenizer.im_start_id, tokenizer.im_end_id])
@@ -86,7 +110,8 @@ def train_and_score(plan: dict, run: dict, args, base_state: dict, records, val_
     for p in model.parameters():
         p.requires_grad_(True)
     return {**plan, "trainable_params": trainable, "total_params": total, "steps": result["steps"],
-            "profile": settings["profile"], "accuracy": accuracy, "pretrain_val_loss": round(forgot, 4),
+            "profile": settings["profile"], "lr_used": settings["lr"], "limit": args.limit, "accuracy": accuracy,
+            "pretrain_val_loss": round(forgot, 4),
             "assistant_val_loss": None if result["val_loss"] is None else round(result["val_loss"], 4),
             "train_seconds": result["train_seconds"], "eval_seconds": round(time.time() - started, 1)}
 
@@ -96,14 +121,18 @@ def plot_sweep(results: dict, base_loss: float, path) -> pathlib.Path:
     panels = ["overall", *TASKS]
     fig, axes = new_figure(width=4 * (len(panels) + 1), height=3.6, ncols=len(panels) + 1)
     runs = list(results.values())
-    lora_kinds = sorted({r["kind"] for r in runs if "rank" in r})
+    def label(r):  # a LoRA run without a learning rate of its own trained at its profile's
+        if "rank" not in r or "lr" in r:
+            return r["kind"]
+        return f"{r['kind']}, lr {r.get('lr_used', LORA_PROFILES.get(r['profile'], LORA_PROFILES['default'])['lr']):g}"
+    lora_kinds = sorted({label(r) for r in runs if "rank" in r})
     for ax, key in zip(axes, panels + ["forgetting"]):
         def value(r):
             if key == "forgetting":
                 return r["pretrain_val_loss"] - base_loss
             return 100 * r["accuracy"].get(key, 0)
-        for kind, marker in zip(lora_kinds, "os^v"):
-            points = sorted((r["trainable_params"], value(r), r["rank"]) for r in runs if r["kind"] == kind)
+        for kind, marker in zip(lora_kinds, itertools.cycle("os^vDPX")):
+            points = sorted((r["trainable_params"], value(r), r["rank"]) for r in runs if label(r) == kind)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=kind)
             for x, y, rank in points:
                 ax.annotate(f"{rank}", (x, y), fontsize=7, textcoords="offset points", xytext=(2, 3))
@@ -126,7 +155,8 @@ def main(argv=None):
     parser.add_argument("--ranks", default=None,
                         help=f"LoRA ranks, comma-separated (default {RANKS['default']}; quick {RANKS['quick']})")
     parser.add_argument("--targets", nargs="+", default=list(TARGET_SETS), metavar="LAYERS",
-                        help="target sets, each like --target_modules of train_lora.py (default: wq,wv all-linear)")
+                        help="target sets, each like --target_modules of train_lora.py, optionally with its own "
+                             "learning rate after @ (default: wq,wv all-linear@3e-3)")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many conversations per task")
     parser.add_argument("--pretrain_data", default=None,
                         help="folder with step 3's val.bin, for forgetting (default out/step3)")
@@ -156,9 +186,9 @@ def main(argv=None):
     print(f"{len(plans)} runs; pretraining validation loss of the base model: {base_loss:.4f}")
     started = time.time()
     for plan in plans:
-        done = results.get(plan["name"])
-        if done and all(done.get(k) == v for k, v in plan.items()) and done["steps"] == run_settings(
-                args, run["device"], LORA_PROFILES if "rank" in plan else PROFILES, len(run["examples"]))["max_steps"]:
+        done, settings = results.get(plan["name"]), plan_settings(plan, run, args)
+        if done and all(done.get(k) == v for k, v in plan.items()) and done["steps"] == settings["max_steps"] and \
+                done.get("limit") == args.limit and done.get("lr_used", settings["lr"]) == settings["lr"]:
             print(f"{plan['name']}: kept from {results_path}")
             continue
         results[plan["name"]] = result = train_and_score(plan, run, args, base_state, records, val_tokens, args.quick)
@@ -168,13 +198,14 @@ def main(argv=None):
               + "  ".join(f"{task} {100 * acc:.1f}%" for task, acc in result["accuracy"].items())
               + f"  forgetting {result['pretrain_val_loss'] - base_loss:+.4f} nats/token "
                 f"({result['train_seconds']:.0f} s training, {result['eval_seconds']:.0f} s scoring)")
-    results = {plan["name"]: results[plan["name"]] for plan in plans}
-    plot = plot_sweep(results, base_loss, run["out_dir"].parent / "lora_sweep.png")
+    default_out = run["out_dir"].resolve() == (step_dir(4) / "lora_sweep").resolve()
+    plot_dir = run["out_dir"].parent if default_out else run["out_dir"]  # out/step4/, or a sweep's own --out
+    plot = plot_sweep(results, base_loss, plot_dir / "lora_sweep.png")
     summary = {name: {"trainable_params": r["trainable_params"], "overall": round(r["accuracy"]["overall"], 4),
                       "forgetting": round(r["pretrain_val_loss"] - base_loss, 4)} for name, r in results.items()}
-    if run["out_dir"] == step_dir(4) / "lora_sweep":
-        write_metrics(4, {"base_pretrain_val_loss": round(base_loss, 4), "runs": summary,
-                          "sweep_seconds": round(time.time() - started, 1)}, section="lora_sweep")
+    write_metrics(4, {"base_pretrain_val_loss": round(base_loss, 4), "runs": summary,  # every run of this base
+                      "runs_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in results.values()), 1)},
+                  section="lora_sweep", folder=None if default_out else run["out_dir"])
     print(f"wrote {results_path} and {plot} in {time.time() - started:.0f} s")
     return {"base_pretrain_val_loss": base_loss, "runs": results, "plot": plot}
 

@@ -6,8 +6,8 @@
     python step4_sft/train_lora.py --quick
 
 The pretrained weights stay frozen; every targeted nn.Linear gets a LoRA update
-(see lora.py). Only the adapter is saved (out/step4/lora_adapter.pt): a few
-hundred KB instead of the whole model. chat.py and eval_sft.py load the base
+(see lora.py). Only the adapter is saved (out/step4/lora_adapter.pt): a small
+fraction of the whole model's file. chat.py and eval_sft.py load the base
 model, put the adapter on and merge it, so answering costs nothing extra.
 """
 import argparse
@@ -19,7 +19,6 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 
 from common.cli import UserError, next_command, run_main
 from common.metrics import write_metrics
-from common.paths import step_dir
 from step2_model.inspect_model import count_trainable
 from step4_sft.lora import apply_lora, parse_targets, save_adapter
 from step4_sft.sft import LORA_PROFILES as PROFILES, add_sft_args, file_mb, run_sft, setup
@@ -76,8 +75,7 @@ def main(argv=None, probe=None):
                "final_train_loss": round(result["final_train_loss"], 4),
                "val_loss": None if result["val_loss"] is None else round(result["val_loss"], 4),
                "file_mb": file_mb(adapter_path), "profile": run["settings"]["profile"]}
-    if run["out_dir"] == step_dir(4):
-        write_metrics(4, metrics, section="lora")
+    write_metrics(4, metrics, section="lora", folder=run["out_dir"])
     print(f"saved {adapter_path} ({metrics['file_mb']} MB) after {result['train_seconds']:.0f} s; "
           f"loss: train {metrics['final_train_loss']}{' (answers + replayed text)' if run['replay_rows'] else ''}, "
           f"validation {metrics['val_loss']} (answers only)")

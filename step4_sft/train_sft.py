@@ -25,7 +25,6 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable fr
 from common.checkpoint import checkpoint_dict, save_checkpoint
 from common.cli import next_command, run_main
 from common.metrics import write_metrics
-from common.paths import step_dir
 from step2_model.inspect_model import count_trainable
 from step4_sft.sft import PROFILES, add_sft_args, file_mb, run_sft, setup
 
@@ -51,8 +50,7 @@ def main(argv=None, probe=None):
                "steps": result["steps"], "final_train_loss": round(result["final_train_loss"], 4),
                "val_loss": None if result["val_loss"] is None else round(result["val_loss"], 4),
                "file_mb": file_mb(model_path), "profile": run["settings"]["profile"]}
-    if run["out_dir"] == step_dir(4):
-        write_metrics(4, metrics, section="full_sft")
+    write_metrics(4, metrics, section="full_sft", folder=run["out_dir"])
     print(f"saved {model_path} ({metrics['file_mb']} MB) after {result['train_seconds']:.0f} s; "
           f"loss: train {metrics['final_train_loss']}{' (answers + replayed text)' if run['replay_rows'] else ''}, "
           f"validation {metrics['val_loss']} (answers only)")

@@ -811,25 +811,32 @@ def test_lora_sweep_quick_profile_trains_scores_and_plots_every_run(files, tmp_p
     result = lora_sweep.main(args)
     runs = result["runs"]
     assert list(runs) == ["full_sft", "full_sft_no_replay", "lora_wq-wv_r1", "lora_wq-wv_r2",
-                          "lora_all-linear_r1", "lora_all-linear_r2"]
+                          "lora_all-linear_r1_lr3e-3", "lora_all-linear_r2_lr3e-3"]
+    # all linear layers at their own learning rate, wq,wv at LoRA's (ten times full SFT's)
+    assert [runs[n]["lr_used"] for n in ("full_sft", "lora_wq-wv_r1", "lora_all-linear_r1_lr3e-3")] == \
+           [sft.PROFILES["quick"]["lr"], 10 * sft.PROFILES["quick"]["lr"], 3e-3]
     base = load_model(files / "base.pt")
     linears = {name.rpartition(".")[2]: m for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     rows = 2 * base.config.n_embd  # the two chat tokens' embedding rows
     for r in (1, 2):  # (in + out) * r per wrapped layer, in each of the 2 blocks
         assert runs[f"lora_wq-wv_r{r}"]["trainable_params"] == 2 * r * sum(
             linears[m].in_features + linears[m].out_features for m in ("wq", "wv")) + rows
-        assert runs[f"lora_all-linear_r{r}"]["trainable_params"] == 2 * r * sum(
+        assert runs[f"lora_all-linear_r{r}_lr3e-3"]["trainable_params"] == 2 * r * sum(
             linears[m].in_features + linears[m].out_features for m in ("wq", "wk", "wv", "wo", "w_gate", "w_up",
                                                                        "w_down")) + rows
     assert runs["full_sft"]["trainable_params"] == count_trainable(base)[1]
     assert all(set(r["accuracy"]) >= {"overall"} and r["steps"] == 2 for r in runs.values())
     for r in runs.values():  # every fine-tune moved the weights: the pretraining loss changed
         assert r["pretrain_val_loss"] != pytest.approx(result["base_pretrain_val_loss"], abs=1e-6), r["name"]
-    assert result["plot"] == tmp_path / "lora_sweep.png" and result["plot"].stat().st_size > 0
+    assert result["plot"] == tmp_path / "sweep" / "lora_sweep.png" and result["plot"].stat().st_size > 0
+    assert json.loads((tmp_path / "sweep" / "metrics.json").read_text())["lora_sweep"]["runs"].keys() == runs.keys()
     assert not list((tmp_path / "sweep").glob("*_checkpoint.pt"))
     capsys.readouterr()
     again = lora_sweep.main(args)  # a sweep run again keeps what is done
     assert again["runs"] == runs and capsys.readouterr().out.count("kept from") == 6
+    for bad in ("all-linear@0", "wq,wv@", "all-linear@fast"):
+        with pytest.raises(UserError, match="after @ comes a learning rate"):
+            lora_sweep.main(args + ["--targets", bad])
 
 
 # ----------------------------------------------------------------------------- the seed table
