@@ -64,7 +64,7 @@ def planned_runs(args, ranks: list[int]) -> list[dict]:
             try:
                 lr = {"lr": float(lr_text)}
             except ValueError:
-                lr = {"lr": float("nan")}
+                lr = {"lr": 0.0}  # not a number: refused below, as a rate of 0 is
             if not 0 < lr["lr"] < float("inf"):
                 raise UserError(f"--targets {text!r}: after @ comes a learning rate above 0, e.g. all-linear@3e-3")
         suffix = f"_lr{lr_text}" if lr_text else ""
