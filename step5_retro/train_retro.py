@@ -48,13 +48,18 @@ PROFILES = {
                   train_worlds=20, val_worlds=3, retrieval_dropout=0.0),
     "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256, chunk_size=16, k=2,
                     cca_layers="1,3", encoder_layers=1, condition=False, gate_init=2.0, zero_output=False,
-                    max_steps=300, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, ckpt_every=100,
-                    train_worlds=400, val_worlds=20, retrieval_dropout=0.0),
+                    max_steps=600, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, ckpt_every=100,
+                    train_worlds=800, val_worlds=20, retrieval_dropout=0.3),
     "gpu": dict(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, block_size=512, chunk_size=32, k=2,
                 cca_layers="3,5,7", encoder_layers=2, condition=True, gate_init=2.0, zero_output=False,
                 max_steps=3000, batch_size=32, lr=1e-3, warmup_steps=200, eval_every=500, ckpt_every=500,
-                train_worlds=8000, val_worlds=50, retrieval_dropout=0.0),
+                train_worlds=8000, val_worlds=50, retrieval_dropout=0.3),
 }
+# --retrofit trains only the encoder and CCA of a frozen base: its own defaults for what the user did
+# not set. CCA's output projection at zero with the gate open, so it starts as exactly its base and
+# learns at once; no retrieval dropout, since with retrieval off it is its base already. Its steps:
+# half the profile's, as RETRO-fitting is meant to cost a fraction of training (EXPERIMENTS.md).
+RETROFIT_DEFAULTS = dict(zero_output=True, retrieval_dropout=0.0)
 EVAL_ROWS = {"quick": 24, "default": 240, "gpu": 600}  # validation rows read for each figure
 
 
@@ -107,9 +112,10 @@ def main(argv=None):
     seed_everything(args.seed)
     settings = resolve_profile(args, device, PROFILES)
     settings["cca_layers"] = [int(i) for i in str(settings["cca_layers"]).split(",") if i.strip()]
-    if args.mode == "retrofit":  # the RETRO-fitted model starts as exactly its base (EXPERIMENTS.md: which way)
-        if args.zero_output is None:
-            settings["zero_output"] = True  # CCA's output projection at zero, the gate open: it learns at once
+    if args.mode == "retrofit":
+        settings.update({k: v for k, v in RETROFIT_DEFAULTS.items() if getattr(args, k) is None})
+        if args.max_steps is None:
+            settings["max_steps"] //= 2
         if args.gate_init is None and not settings["zero_output"]:
             settings["gate_init"] = 0.0  # the gate shut
     out_dir = pathlib.Path(args.out or step_dir(5))

@@ -51,7 +51,7 @@ MAKE_LM = "python step4_sft/train_sft.py"
 PROFILES = {
     "quick": dict(stage0_steps=10, stage0_batch_size=8, lr0=3e-3, stage1_steps=15, stage2_steps=25, batch_size=8,
                   lr1=2e-3, lr2=1e-3, warmup_steps=3, eval_per_kind=8),  # and QUICK_VISION below
-    "default": dict(stage0_steps=500, stage0_batch_size=64, lr0=3e-3, stage1_steps=100, stage2_steps=700,
+    "default": dict(stage0_steps=500, stage0_batch_size=64, lr0=3e-3, stage1_steps=100, stage2_steps=1200,
                     batch_size=32, lr1=2e-3, lr2=1e-3, warmup_steps=30, eval_per_kind=200),
     "gpu": dict(stage0_steps=1000, stage0_batch_size=128, lr0=3e-3, stage1_steps=500, stage2_steps=2000,
                 batch_size=64, lr1=2e-3, lr2=1e-3, warmup_steps=50, eval_per_kind=500),

@@ -163,6 +163,19 @@ def test_neighbours_come_from_the_chunk_s_own_world(world_split):
     assert set(split.world) == {1000, 1001, 1002}
 
 
+def test_retrieval_dropout_blanks_whole_rows_and_keeps_the_rest(world_split):
+    from step5_retro.retro_fit import batch_fn
+
+    _, split = world_split
+    kept, dropped_rows = batch_fn(split, 64, 7, True)(3, 0), batch_fn(split, 64, 7, True, 0.3)(3, 0)
+    assert torch.equal(kept["idx"], dropped_rows["idx"])  # the same rows; only their neighbours differ
+    blank = (dropped_rows["neighbours"] == NO_TOKEN).flatten(1).all(1)
+    assert 0 < int(blank.sum()) < 64  # about 0.3 of 64 rows read nothing
+    assert torch.equal(dropped_rows["neighbours"][~blank], kept["neighbours"][~blank])
+    assert not (kept["neighbours"] == NO_TOKEN).flatten(1).all(1).any()
+    assert set(batch_fn(split, 4, 7, False)(0, 0)) == {"idx", "targets"}  # the plain model reads none
+
+
 # ----------------------------------------------------------------------------- training runs
 
 @pytest.fixture(scope="session")
@@ -186,7 +199,9 @@ def test_retrofit_leaves_base_weights_unchanged(quick_run, retrofit_run):
         assert torch.equal(saved["decoder." + name], base[name]), name
     assert not any(p.requires_grad for _, p in result["model"].base_parameters())
     # and training did happen: CCA's output projections, zero at the start (--retrofit's default), moved
-    assert result["settings"]["zero_output"]
+    assert result["settings"]["zero_output"] and result["settings"]["retrieval_dropout"] == 0.0
+    from step5_retro.train_retro import PROFILES
+    assert result["settings"]["max_steps"] == PROFILES["quick"]["max_steps"] // 2  # a fraction of from scratch
     projections = [saved[f"decoder.blocks.{i}.cross_attn.attn.wo.weight"] for i in result["settings"]["cca_layers"]]
     assert projections and all(bool(w.any()) for w in projections)
     assert any(name.startswith("encoder.") for name in saved)
