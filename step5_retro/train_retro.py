@@ -45,7 +45,7 @@ PROFILES = {
     "quick": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64, chunk_size=16, k=2,
                   cca_layers="1", encoder_layers=1, condition=False, gate_init=2.0, zero_output=False,
                   max_steps=30, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, ckpt_every=0,
-                  train_worlds=20, val_worlds=3, retrieval_dropout=0.0),
+                  train_worlds=20, val_worlds=3, retrieval_dropout=0.3),
     "default": dict(n_layer=4, n_head=8, n_kv_head=4, n_embd=256, block_size=256, chunk_size=16, k=2,
                     cca_layers="1,3", encoder_layers=1, condition=False, gate_init=2.0, zero_output=False,
                     max_steps=600, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, ckpt_every=100,
@@ -57,9 +57,11 @@ PROFILES = {
 }
 # --retrofit trains only the encoder and CCA of a frozen base: its own defaults for what the user did
 # not set. CCA's output projection at zero with the gate open, so it starts as exactly its base and
-# learns at once; no retrieval dropout, since with retrieval off it is its base already. Its steps:
-# half the profile's, as RETRO-fitting is meant to cost a fraction of training (EXPERIMENTS.md).
+# learns at once; no retrieval dropout, since with retrieval off it is its base already. Its steps
+# and worlds: half the profile's, as RETRO-fitting is meant to cost a fraction of training and its
+# text is still read about once (EXPERIMENTS.md).
 RETROFIT_DEFAULTS = dict(zero_output=True, retrieval_dropout=0.0)
+RETROFIT_HALVED = ("max_steps", "train_worlds")
 EVAL_ROWS = {"quick": 24, "default": 240, "gpu": 600}  # validation rows read for each figure
 
 
@@ -71,7 +73,8 @@ def parse_args(argv=None):
     mode.add_argument("--retrofit", dest="mode", action="store_const", const="retrofit",
                       help="RETRO-fit --base: its weights frozen, only the encoder and CCA train; it starts as "
                            "exactly its base: CCA's output projection at zero, the gate open (--zero_output true, "
-                           "its default here), or the gate shut (--zero_output false --gate_init 0)")
+                           "its default here), or the gate shut (--zero_output false --gate_init 0). Unless given, "
+                           "--max_steps and --train_worlds are half the profile's and --retrieval_dropout is 0")
     parser.set_defaults(mode="from_scratch")
     parser.add_argument("--base", default=None, help="plain model to RETRO-fit (default out/step3/model.pt)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
@@ -106,18 +109,23 @@ def plot_runs(runs: dict, path, title: str):
     return save_figure(fig, path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+def run_settings(args, device) -> dict:
+    """The profile's settings, then the mode's own defaults, then every flag the user gave."""
     settings = resolve_profile(args, device, PROFILES)
     settings["cca_layers"] = [int(i) for i in str(settings["cca_layers"]).split(",") if i.strip()]
     if args.mode == "retrofit":
         settings.update({k: v for k, v in RETROFIT_DEFAULTS.items() if getattr(args, k) is None})
-        if args.max_steps is None:
-            settings["max_steps"] //= 2
+        settings.update({k: settings[k] // 2 for k in RETROFIT_HALVED if getattr(args, k) is None})
         if args.gate_init is None and not settings["zero_output"]:
             settings["gate_init"] = 0.0  # the gate shut
+    return settings
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    settings = run_settings(args, device)
     out_dir = pathlib.Path(args.out or step_dir(5))
     tokenizer = load_tokenizer(args.tokenizer)
 

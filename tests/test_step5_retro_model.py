@@ -170,10 +170,24 @@ def test_retrieval_dropout_blanks_whole_rows_and_keeps_the_rest(world_split):
     kept, dropped_rows = batch_fn(split, 64, 7, True)(3, 0), batch_fn(split, 64, 7, True, 0.3)(3, 0)
     assert torch.equal(kept["idx"], dropped_rows["idx"])  # the same rows; only their neighbours differ
     blank = (dropped_rows["neighbours"] == NO_TOKEN).flatten(1).all(1)
-    assert 0 < int(blank.sum()) < 64  # about 0.3 of 64 rows read nothing
+    assert 10 <= int(blank.sum()) <= 30  # about 0.3 of 64 rows (19) read nothing
     assert torch.equal(dropped_rows["neighbours"][~blank], kept["neighbours"][~blank])
     assert not (kept["neighbours"] == NO_TOKEN).flatten(1).all(1).any()
     assert set(batch_fn(split, 4, 7, False)(0, 0)) == {"idx", "targets"}  # the plain model reads none
+
+
+def test_retrofit_takes_its_own_defaults_and_every_given_flag_wins():
+    from step5_retro.train_retro import parse_args, run_settings
+
+    def settings(*flags):
+        s = run_settings(parse_args(["--quick", *flags]), torch.device("cpu"))
+        return s["max_steps"], s["train_worlds"], s["retrieval_dropout"], s["zero_output"], s["gate_init"]
+
+    assert settings() == (30, 20, 0.3, False, 2.0)                # from scratch: the quick profile's
+    assert settings("--retrofit") == (15, 10, 0.0, True, 2.0)     # half the steps and worlds, no dropout
+    assert settings("--retrofit", "--max_steps", "7", "--train_worlds", "5",
+                    "--retrieval_dropout", "0.1") == (7, 5, 0.1, True, 2.0)
+    assert settings("--retrofit", "--zero_output", "false") == (15, 10, 0.0, False, 0.0)  # the gate shut
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -199,9 +213,7 @@ def test_retrofit_leaves_base_weights_unchanged(quick_run, retrofit_run):
         assert torch.equal(saved["decoder." + name], base[name]), name
     assert not any(p.requires_grad for _, p in result["model"].base_parameters())
     # and training did happen: CCA's output projections, zero at the start (--retrofit's default), moved
-    assert result["settings"]["zero_output"] and result["settings"]["retrieval_dropout"] == 0.0
-    from step5_retro.train_retro import PROFILES
-    assert result["settings"]["max_steps"] == PROFILES["quick"]["max_steps"] // 2  # a fraction of from scratch
+    assert result["settings"]["zero_output"]
     projections = [saved[f"decoder.blocks.{i}.cross_attn.attn.wo.weight"] for i in result["settings"]["cca_layers"]]
     assert projections and all(bool(w.any()) for w in projections)
     assert any(name.startswith("encoder.") for name in saved)
