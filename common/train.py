@@ -83,7 +83,7 @@ def default_loss(model, batch: dict) -> torch.Tensor:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this run: GPU allocations on CUDA, the process's peak RSS on the CPU."""
+    """Peak memory of this run in MiB (2**20 bytes): GPU allocations on CUDA, the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

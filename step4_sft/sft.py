@@ -220,4 +220,5 @@ def run_sft(model, run: dict, seed: int, resume: bool, name: str, weight_decay: 
 
 
 def file_mb(path) -> float:
+    """The file's size in MiB (2**20 bytes), as peak_memory_mb counts memory."""
     return round(pathlib.Path(path).stat().st_size / 2**20, 3)
