@@ -397,10 +397,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, stop_tokens=(), use_cache: bool = True, generator=None):
+                        top_p: float | None = None, stop_tokens=(), use_cache: bool = True, generator=None,
+                        allowed=None):
         """Yield the next tokens one at a time, each a (B,) LongTensor.
 
-        idx: (B, T) prompt. temperature 0 means greedy (argmax). stop_tokens:
+        idx: (B, T) prompt. temperature 0 means greedy (argmax). allowed: a
+        (vocab,) or (B, vocab) bool mask, the only tokens that may be written
+        (constrained decoding; None: any token). stop_tokens:
         token ids (an int or a list); generation ends once every row has
         produced one (the stop token is yielded; a row that stopped repeats it
         while the others go on), or after max_new_tokens. Call model.eval()
@@ -417,6 +420,8 @@ class Transformer(nn.Module):
             stop_tokens = [stop_tokens]
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        if allowed is not None:
+            allowed = allowed.to(idx.device)
         block_size, cache, seq = self.config.block_size, None, idx
         pending = seq  # tokens the model has not read yet
         for _ in range(max_new_tokens):
@@ -428,7 +433,10 @@ class Transformer(nn.Module):
                     cache = KVCache(self.config, seq.size(0), seq.device, self.lm_head.weight.dtype)
                     pending = seq[:, -keep:]
                 logits, _ = self(pending, kv_cache=cache, last_only=True)
-            token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            logits = logits[:, -1, :]
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)
             if len(stop):
                 token = torch.where(finished, seq[:, -1], token)
                 finished |= torch.isin(token, stop)

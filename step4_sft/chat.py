@@ -77,15 +77,16 @@ def prompt_budget(model, max_new_tokens: int) -> int:
 
 
 def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = REPLY_TOKENS,
-                 temperature: float = 0.0, top_k: int | None = None, generator=None):
-    """Yield the assistant's reply to `messages` as pieces of text while the model writes it."""
+                 temperature: float = 0.0, top_k: int | None = None, generator=None, allowed=None):
+    """Yield the assistant's reply to `messages` as pieces of text while the model writes it.
+    allowed: a (vocab,) bool mask of the only tokens it may write (None: any)."""
     device = next(model.parameters()).device
     prompt = fit_prompt(tokenizer, messages, prompt_budget(model, max_new_tokens))
     max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     new_ids, shown = [], ""
     for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                       stop_tokens=[tokenizer.im_end_id], generator=generator):
+                                       stop_tokens=[tokenizer.im_end_id], generator=generator, allowed=allowed):
         if int(token) == tokenizer.im_end_id:
             break
         new_ids.append(int(token))

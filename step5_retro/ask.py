@@ -2,12 +2,14 @@
 
     python step5_retro/ask.py "Where does Halra live?" --show_neighbours
     python step5_retro/ask.py "Where does Halra live?" --closed_book        # the same model, no passages
+    python step5_retro/ask.py "Where does Halra live?" --free               # may write words the book lacks
     python step5_retro/ask.py "Where does Halra live?" --checkpoint out/step4/sft_model.pt   # step 4's model
     python step5_retro/ask.py "Where does Halra live?" --retro --show_neighbours --show_attention
 
 The passages (each neighbour chunk with its continuation, as RETRO hands them over) go into the user
 turn before the question; the model default is the open-book fine-tuned one (sft_open_book.py),
-else step 4's chat model.
+else step 4's chat model. It writes only the book's words: tokens of the passages, of the question
+and of the answers' template (book.book_words); --free lifts that rule.
 
 --retro: the instruction-tuned Retro model (sft_retro.py) answers instead. The passages do not enter its
 prompt: they are the question's neighbours, read through chunked cross-attention, from the database's
@@ -55,6 +57,9 @@ def main(argv=None):
                         help="passages retrieved (default 2, quick 1; with --retro the model's own k, no other)")
     parser.add_argument("--show_neighbours", action="store_true", help="print each passage, its document and score")
     parser.add_argument("--closed_book", action="store_true", help="answer without passages")
+    parser.add_argument("--free", action="store_true",
+                        help="let the reader write any word (default: only words of the passages, the question "
+                             "and the answers' template, so a value the book does not hold cannot be written)")
     parser.add_argument("--retro", action="store_true",
                         help="answer with the instruction-tuned Retro model (default out/step5/retro_sft.pt), "
                              "which reads the neighbours through chunked cross-attention")
@@ -82,9 +87,10 @@ def main(argv=None):
         if args.show_neighbours:
             for rank, (i, score, passage) in enumerate(zip(ids, scores, passages), start=1):
                 show_neighbour(db, rank, i, score, passage)
-    reply = answer(model, tokenizer, question, passages)
+    reply = answer(model, tokenizer, question, passages, free=args.free)
     print(f"Q: {question}\nA: {reply}    ({pathlib.Path(checkpoint).name}, "
-          f"{'closed book' if passages is None else f'{len(passages)} passages'})")
+          f"{'closed book' if passages is None else f'{len(passages)} passages'}"
+          f"{', any word' if args.free and passages else ''})")
     return {"question": question, "answer": reply, "passages": passages}
 
 

@@ -186,12 +186,43 @@ def open_book_records(tokenizer, n_examples: int, seed: int = 0, chunk_size: int
 
 
 def answer(model, tokenizer, question: str, passages: list[str] | None = None,
-           max_new_tokens: int = ANSWER_TOKENS) -> str:
-    """A chat model's greedy reply: closed book (passages None) or with the passages before the question."""
+           max_new_tokens: int = ANSWER_TOKENS, free: bool = False) -> str:
+    """A chat model's greedy reply: closed book (passages None) or with the passages before the question.
+    With passages it writes only the book's words (book_words) unless free is True."""
     from step4_sft.chat import reply
 
-    messages = [{"role": "user", "content": question}] if passages is None else open_book_messages(question, passages)
-    return reply(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+    if passages is None:
+        return reply(model, tokenizer, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens)
+    allowed = None if free else book_words(tokenizer, question, passages, model.config.vocab_size)
+    return reply(model, tokenizer, open_book_messages(question, passages), max_new_tokens=max_new_tokens,
+                 allowed=allowed)
+
+
+def book_words(tokenizer, question: str, passages: list[str], vocab_size: int):
+    """The tokens an open-book reader may write, as a (vocab_size,) bool mask: those of its passages and
+    its question, the words every answer is written in (answer_template_ids) and <|im_end|>.
+    Everything else is masked before the argmax: a value the passages do not hold cannot be written,
+    however sure the weights are of it (the reader's weights win over the book otherwise: EXPERIMENTS.md)."""
+    import torch
+
+    ids = {tokenizer.im_end_id, *answer_template_ids(tokenizer), *tokenizer.encode_ordinary(question)}
+    for passage in passages:
+        ids.update(tokenizer.encode_ordinary(passage))
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    allowed[sorted(ids)] = True
+    return allowed
+
+
+def answer_template_ids(tokenizer) -> set[int]:
+    """Token ids of the words the answers are written in ("lives in", "'s favorite color is", ...):
+    each word of every answer template in QUESTIONS, placeholders removed, as it is written inside a
+    sentence (after a space; "'s" and the full stop right after a word)."""
+    ids = set()
+    for _, template in QUESTIONS.values():
+        words = re.sub(r"\{\w+\}", " ", template).replace("'s", " 's ").replace(".", " . ").split()
+        for word in words + ["a", "an"]:  # {a_v} is "a cook" or "an owl"
+            ids.update(tokenizer.encode_ordinary(word if word in ("'s", ".") else " " + word))
+    return ids
 
 
 def edit_book(db, edits: list[dict]) -> dict:

@@ -8,7 +8,9 @@ and knowledge edited in the database.
 Questions come in two sets: database-only facts (the newcomers: no training text names them) and
 ordinary facts (step 3's world, which the models read in pretraining). Three readers answer each:
 step 4's chat model closed book, the same model with the retrieved passages in its prompt, and the
-open-book fine-tuned model (sft_open_book.py) with the passages. Then some ordinary facts are
+open-book fine-tuned model (sft_open_book.py) with the passages. A reader with passages writes only
+the book's words (book.book_words); the open-book model is asked once more free to write any word
+(the *_free rows), to show what that rule adds. Then some ordinary facts are
 rewritten in a copy of the database (book.edit_book; the database on disk is left as it is) and
 everything is asked again: edited facts should get the new value, unrelated facts should not move.
 Recall@k: the share of questions for which one of the k passages states the asked fact; measured
@@ -60,7 +62,6 @@ from step5_retro.scoring import exact_match, token_f1
 ORDINARY = {"quick": 12, "default": 60}   # ordinary facts asked
 EDITS = {"quick": 4, "default": 20}       # ordinary facts rewritten in the database
 EXTRA_TOKENS = 8                          # a reply this much longer than the expected one is wrong anyway
-READERS = ("closed_book", "in_context", "open_book_sft")
 # The Retro rows: train_retro.py's validation worlds (none trained on) and rows, questions about them, edits.
 RETRO_VAL_WORLDS = {"quick": 3, "default": 20}
 RETRO_ROWS = {"quick": 24, "default": 240}
@@ -105,13 +106,15 @@ def recall_at_k(db, world, items, k: int) -> float:
                for row, it in zip(ids, items)) / max(1, len(items))
 
 
-def read_all(model, tokenizer, db, items, k: int, with_passages: bool, desc: str) -> list[dict]:
-    """Each item's reply and scores (passages retrieved from db when with_passages)."""
+def read_all(model, tokenizer, db, items, k: int, with_passages: bool, desc: str, free: bool = False) -> list[dict]:
+    """Each item's reply and scores (passages retrieved from db when with_passages; the reply in the
+    book's words unless free, book.answer)."""
     passages = [None] * len(items)
     if with_passages:
         ids, _ = db.search([it["question"] for it in items], k)
         passages = [[db.passage(i) for i in row if i >= 0] for row in ids]
-    return [scored_reply(it, answer(model, tokenizer, it["question"], ps, max_new_tokens=budget(tokenizer, it)), ps)
+    return [scored_reply(it, answer(model, tokenizer, it["question"], ps, max_new_tokens=budget(tokenizer, it),
+                                    free=free), ps)
             for it, ps in zip(tqdm(items, desc=desc, leave=False), passages)]
 
 
@@ -145,19 +148,22 @@ def answer_prior(world, newcomers, items) -> float:
 def plot(metrics: dict, path) -> pathlib.Path:
     fig, ax = new_figure(width=8, height=4)
     groups = [("database-only", ""), ("ordinary", "_ordinary")]
-    colors = {"closed_book": "#bbbbbb", "in_context": "#dd8452", "open_book_sft": "#4c72b0", "retro_book": "#8172b3"}
-    width = 0.2
+    colors = {"closed_book": "#bbbbbb", "in_context": "#dd8452", "open_book_sft_free": "#a1c9f4",
+              "open_book_sft": "#4c72b0", "retro_book": "#8172b3"}
+    width = 0.16
     for g, (label, suffix) in enumerate(groups):
-        for r, reader in enumerate(colors):  # part 1's three readers, then the instruction-tuned Retro model
+        for r, reader in enumerate(colors):  # part 1's readers, then the instruction-tuned Retro model
             value = metrics.get(f"qa_em_{reader}{suffix}")
             if value is not None:
                 ax.bar(g + r * width, 100 * value, width, color=colors[reader], label=reader if g == 0 else None)
                 ax.annotate(f"{100 * value:.0f}", (g + r * width, 100 * value), ha="center", va="bottom", fontsize=8)
-    if metrics.get("edited_fact_success") is not None:
-        ax.bar(2 + 0.3, 100 * metrics["edited_fact_success"], width, color="#55a868", label="edited facts (new value)")
-        ax.annotate(f"{100 * metrics['edited_fact_success']:.0f}", (2 + 0.3, 100 * metrics["edited_fact_success"]),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_xticks([0.3, 1.3, 2.3], ["database-only facts", "ordinary facts", "after edit_db"])
+    for r, (key, color) in enumerate((("edited_fact_success_free", "#a1c9f4"), ("edited_fact_success", "#55a868"))):
+        if metrics.get(key) is not None:
+            x = 2 + (r + 2) * width
+            ax.bar(x, 100 * metrics[key], width, color=color,
+                   label="edited facts (new value)" if key == "edited_fact_success" else None)
+            ax.annotate(f"{100 * metrics[key]:.0f}", (x, 100 * metrics[key]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([2 * width + g for g in range(3)], ["database-only facts", "ordinary facts", "after edit_db"])
     ax.set(ylabel="exact match (%)", ylim=(0, 110), title="Closed book vs open book")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -245,17 +251,20 @@ def open_book_rows(args, tokenizer, fingerprint, device, profile) -> tuple[dict,
 
     chat_path = pathlib.Path(args.chat_model or step_dir(4) / "sft_model.pt")
     open_path = pathlib.Path(args.open_book_model or step_dir(5) / "open_book_model.pt")
-    readers = {"closed_book": (chat_path, False), "in_context": (chat_path, True)}
+    # (model, with passages, free): a reader with passages writes only the book's words (book.book_words);
+    # the open-book model is also asked free, to show what the rule adds.
+    readers = {"closed_book": (chat_path, False, False), "in_context": (chat_path, True, False)}
     if open_path.exists():
-        readers["open_book_sft"] = (open_path, True)
+        readers["open_book_sft"] = (open_path, True, False)
+        readers["open_book_sft_free"] = (open_path, True, True)
     else:
         make = next_command("python step5_retro/sft_open_book.py")
         print(f"{open_path} not found: no open-book SFT row (run {make})")
     models = {path: load_chat_model(path, device=device, tokenizer_fingerprint=fingerprint)
-              for path, _ in readers.values()}
+              for path, _, _ in readers.values()}
     replies = {}
-    for reader, (path, with_passages) in readers.items():
-        rows = read_all(models[path], tokenizer, db, all_items, args.k, with_passages, reader)
+    for reader, (path, with_passages, free) in readers.items():
+        rows = read_all(models[path], tokenizer, db, all_items, args.k, with_passages, reader, free)
         replies[reader] = rows
         new_rows, old_rows = rows[:len(new_items)], rows[len(new_items):]
         metrics.update({f"qa_em_{reader}": mean(new_rows, "em"), f"qa_f1_{reader}": mean(new_rows, "f1"),
@@ -276,18 +285,22 @@ def open_book_rows(args, tokenizer, fingerprint, device, profile) -> tuple[dict,
     path = readers[editor][0]
     after_edit = read_all(models[path], tokenizer, edited, edit_items, args.k, True, "edited facts")
     after_rest = read_all(models[path], tokenizer, edited, all_items, args.k, True, "unrelated facts")
+    after_edit_free = read_all(models[path], tokenizer, edited, edit_items, args.k, True, "edited facts, free", True)
     before = mean(replies[editor], "em")
     metrics.update({"edit_reader": editor, "edited_fact_success": mean(after_edit, "em"),
+                    "edited_fact_success_free": mean(after_edit_free, "em"),
                     "edited_fact_recall": recall_at_k(edited, world_after(world, edit_items), edit_items, args.k),
                     "unrelated_fact_drop": round(100 * (before - mean(after_rest, "em")), 2),
                     "edit_documents_rewritten": len(change["documents_rewritten"]),
                     "edit_chunks_reembedded": change["added_chunks"]})
     print(f"after editing {len(edit_items)} facts ({change['added_chunks']} chunks re-embedded, no weight changed): "
           f"{100 * metrics['edited_fact_success']:.1f} % answered with the new value; unrelated facts moved by "
-          f"{-metrics['unrelated_fact_drop']:+.1f} points ({editor})")
+          f"{-metrics['unrelated_fact_drop']:+.1f} points ({editor}; "
+          f"{100 * metrics['edited_fact_success_free']:.1f} % when it may write any word)")
 
     return metrics, ([{"reader": r, **row} for r, rows in replies.items() for row in rows]
-                     + [{"reader": f"{editor}_after_edit", **row} for row in after_edit]), book
+                     + [{"reader": f"{editor}_after_edit", **row} for row in after_edit]
+                     + [{"reader": f"{editor}_free_after_edit", **row} for row in after_edit_free]), book
 
 
 # ----------------------------------------------------------------------------- the Retro rows

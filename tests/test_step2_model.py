@@ -393,6 +393,23 @@ def test_stop_tokens_end_generation_and_stream_yields_the_same_tokens():
     assert streamed == stopped
 
 
+def test_allowed_mask_writes_only_allowed_tokens_and_an_all_true_mask_changes_nothing():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY.vocab_size, (2, 4))
+    free = model.generate(prompt, 12, temperature=0.0)
+    assert torch.equal(model.generate(prompt, 12, temperature=0.0,
+                                      allowed=torch.ones(TINY.vocab_size, dtype=torch.bool)), free)
+    allowed = torch.zeros(TINY.vocab_size, dtype=torch.bool)
+    allowed[torch.arange(1, TINY.vocab_size, 7)] = True
+    allowed[free[0, 4]] = False  # the first free choice of row 0 is ruled out
+    for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "generator": torch.Generator().manual_seed(3)}):
+        out = model.generate(prompt, 12, allowed=allowed, **kwargs)
+        assert allowed[out[:, 4:]].all()
+    greedy = model.generate(prompt, 12, temperature=0.0, allowed=allowed)
+    logits, _ = model(greedy[:, :-1])  # greedy = argmax over the allowed tokens at each step
+    assert torch.equal(logits[:, 3:].masked_fill(~allowed, float("-inf")).argmax(-1), greedy[:, 4:])
+
+
 def test_generation_past_the_block_size_keeps_going():
     model = tiny_model()
     prompt = torch.randint(0, TINY.vocab_size, (2, 40))  # longer than block_size 32: cropped

@@ -206,6 +206,35 @@ def test_edit_changes_passage_and_answer_not_weights(quick_run, tmp_path):
     assert alive[edited.neighbours[alive]].all()  # no neighbour points at a removed chunk
 
 
+@pytest.mark.verifies(5, "An open-book reader writes only tokens of its passages, its question and the "
+                            "answers' template, unless it is let free")
+def test_reader_writes_only_the_book_s_words(tok):
+    from step4_sft.chat_template import CONTENT_PREFIX, decode_reply, encode_prompt
+    from step5_retro.book import answer, answer_template_ids, book_words
+
+    question, passages = "Where does Halra live?", ["Halra\nHalra lives in Willey. Halra is a cook."]
+    allowed = book_words(tok, question, passages, tok.vocab_size)
+    template = answer_template_ids(tok)
+    assert {*tok.encode_ordinary(" lives"), *tok.encode_ordinary(" in"), *tok.encode_ordinary("'s")} <= template
+    expected = set(template) | set(tok.encode_ordinary(question)) | set(tok.encode_ordinary(passages[0]))
+    assert set(allowed.nonzero().flatten().tolist()) == expected | {tok.im_end_id}
+    assert allowed[tok.encode_ordinary(CONTENT_PREFIX + "Halra lives in Willey.")].all()  # the answer, as replies start
+    assert not allowed[tok.encode_ordinary(" Evergate")].all()                           # a value the book lacks
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_kv_head=1,
+                                    n_embd=16)).eval()
+    prompt = torch.tensor([encode_prompt(tok, open_book_messages(question, passages))])
+    favourite, outside = int(model(prompt)[0][0, -1].argmax()), tok.encode_ordinary(" Evergate")[0]
+    assert not allowed[outside]
+    with torch.no_grad():  # make a token the book lacks the model's sure choice: free, it writes it; bound, never
+        model.lm_head.weight[outside] = 100 * model.lm_head.weight[favourite]
+    free = model.generate(prompt, 12, temperature=0.0)[0, prompt.size(1):].tolist()
+    bound = model.generate(prompt, 12, temperature=0.0, allowed=allowed)[0, prompt.size(1):].tolist()
+    assert free[0] == outside and allowed[bound].all()
+    bound = bound[:bound.index(tok.im_end_id)] if tok.im_end_id in bound else bound
+    assert answer(model, tok, question, passages, max_new_tokens=12) == decode_reply(tok, bound)
+
+
 def test_bad_edits_are_clear_errors(tok, book, tmp_path):
     world, newcomers, titles, documents = book
     db = build_database(documents, tok, None, chunk_size=16, titles=titles)
@@ -330,7 +359,8 @@ def pipeline(quick_run, tmp_path_factory):
 def test_quick_pipeline_writes_every_metric_and_the_chart(pipeline):
     root, trained, metrics = pipeline
     keys = {"retrieval_recall", "qa_em_closed_book", "qa_em_in_context", "qa_em_open_book_sft", "qa_f1_closed_book",
-            "qa_f1_in_context", "qa_f1_open_book_sft", "edited_fact_success", "unrelated_fact_drop"}
+            "qa_f1_in_context", "qa_f1_open_book_sft", "edited_fact_success", "unrelated_fact_drop",
+            "qa_em_open_book_sft_free", "edited_fact_success_free"}
     assert keys <= set(metrics)
     assert set(metrics["retrieval_recall_by_embedder"]) == {"tfidf", "model"}
     assert all(0 <= metrics[k] <= 1 for k in keys - {"unrelated_fact_drop"})
@@ -339,6 +369,8 @@ def test_quick_pipeline_writes_every_metric_and_the_chart(pipeline):
     closed = [r for r in replies if r["reader"] == "closed_book"]
     assert len(closed) == metrics["n_database_only"] + metrics["n_ordinary"]
     assert all(r["passages"] is None for r in closed)
+    free = [r for r in replies if r["reader"] == "open_book_sft_free"]
+    assert [r["question"] for r in free] == [r["question"] for r in closed] and all(r["passages"] for r in free)
     assert metrics["qa_em_closed_book"] == sum(r["em"] for r in closed[:metrics["n_database_only"]]) / \
         metrics["n_database_only"]
     blended = [json.loads(line) for line in (root / "open_book_blend.jsonl").open()]
