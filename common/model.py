@@ -62,6 +62,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head shares its weight matrix with the token embedding
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    smear_keys: bool = False    # each key mixes in the previous token's key (Attention.smear_keys)
 
     def __post_init__(self):
         for f in fields(self):  # a hand-edited checkpoint must not smuggle in "4" or 4.5
@@ -179,6 +180,7 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.last_raw_key = [None] * config.n_layer  # with smeared keys: each layer's last key before mixing
         self.length = 0  # tokens stored so far; the model advances it after each forward
 
     def update(self, layer: int, k, v):
@@ -209,14 +211,32 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
         self.dropout = config.dropout
+        # One learned share per key head, through a sigmoid: 0 starts every head half-smeared.
+        self.smear = nn.Parameter(torch.zeros(config.n_kv_head)) if config.smear_keys else None
 
-    def qkv(self, x, cos, sin):
-        """Queries (B, n_head, T, hd), keys and values (B, n_kv_head, T, hd); q and k rotated."""
+    def qkv(self, x, cos, sin, kv_cache=None):
+        """Queries (B, n_head, T, hd), keys and values (B, n_kv_head, T, hd); q and k rotated.
+        kv_cache: where smeared keys find the key before x's first token."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.smear is not None:
+            before = kv_cache.last_raw_key[self.layer_idx] if kv_cache is not None and kv_cache.length else None
+            if kv_cache is not None:
+                kv_cache.last_raw_key[self.layer_idx] = k[:, :, -1:]
+            k = self.smear_keys(k, before)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def smear_keys(self, k, before=None):
+        """Smeared keys (Olsson et al. 2022, "In-context learning and induction heads"): key t becomes
+        k[t] + sigmoid(a) * (k[t-1] - k[t]), one learned a per key head, before rotation. A query can
+        then match "the token after an X" in one layer; a copy (induction) head needs that match,
+        and otherwise has to build it from two layers. before: the key ahead of k's first (zeros at
+        the start of a sequence)."""
+        before = torch.zeros_like(k[:, :, :1]) if before is None else before
+        previous = torch.cat([before, k[:, :, :-1]], dim=2)
+        return torch.lerp(k, previous, torch.sigmoid(self.smear).view(1, -1, 1, 1).to(k.dtype))
 
     def expand_kv(self, t):
         """(B, n_kv_head, S, hd) -> (B, n_head, S, hd): kv head j serves query heads
@@ -226,7 +246,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin, kv_cache)
         past = 0
         if kv_cache is not None:
             past = kv_cache.length

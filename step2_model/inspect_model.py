@@ -69,14 +69,16 @@ def param_formula(config: ModelConfig) -> dict:
     """The same counts from the config alone (V vocab, C n_embd, L n_layer,
     d head_dim, H ffn hidden):
       embedding  V*C
-      attention  L * (C*n_head*d [wq] + 2*C*n_kv_head*d [wk, wv] + n_head*d*C [wo])
+      attention  L * (C*n_head*d [wq] + 2*C*n_kv_head*d [wk, wv] + n_head*d*C [wo]),
+                 plus L * n_kv_head with smeared keys (one share per key head)
       ffn        L * 3*C*H        (w_gate, w_up, w_down)
       norms      (2*L + 1) * C    (two per block and the final one)
       lm_head    V*C, or 0 when tied to the embedding"""
     V, C, L, d, H = config.vocab_size, config.n_embd, config.n_layer, config.head_dim, config.ffn_hidden_size()
     parts = {
         "embedding": V * C,
-        "attention": L * (2 * C * config.n_head * d + 2 * C * config.n_kv_head * d),
+        "attention": L * (2 * C * config.n_head * d + 2 * C * config.n_kv_head * d
+                          + (config.n_kv_head if config.smear_keys else 0)),
         "ffn": L * 3 * C * H,
         "norms": (2 * L + 1) * C,
         "lm_head": 0 if config.tie_embeddings else V * C,

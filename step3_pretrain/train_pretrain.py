@@ -68,6 +68,9 @@ def main(argv=None):
                              "(needs a C++ compiler)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                         help="RMSNorm and cross-entropy: Triton kernels on CUDA (auto) or plain PyTorch")
+    parser.add_argument("--smear_keys", action="store_true",
+                        help="each attention key mixes in the previous token's key by a learned share "
+                             "(Olsson et al. 2022; common/model.py Attention.smear_keys); off by default")
     for key in MODEL_KEYS + TRAIN_KEYS:
         parser.add_argument(f"--{key}", type=type(PROFILES["default"][key]), default=None,
                             help=f"default {PROFILES['default'][key]} (quick: {PROFILES['quick'][key]})")
@@ -91,7 +94,8 @@ def main(argv=None):
         raise UserError(f"--block_size {block_size} is longer than the data ({len(train_tokens)} train / "
                         f"{len(val_tokens)} validation tokens in {data_dir}); use a smaller --block_size")
 
-    config = ModelConfig(vocab_size=meta["vocab_size"], **{k: settings[k] for k in MODEL_KEYS})
+    config = ModelConfig(vocab_size=meta["vocab_size"], smear_keys=args.smear_keys,
+                         **{k: settings[k] for k in MODEL_KEYS})
     model = Transformer(config).to(device)
     n_params = count_trainable(model)[1]
     cfg = TrainConfig(compile=args.compile, **{k: settings[k] for k in TRAIN_KEYS})

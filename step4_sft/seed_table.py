@@ -4,6 +4,7 @@ fine-tune every base with several seeds, score every run, and tabulate mean, min
     python step4_sft/seed_table.py                       # 3 pretraining x 2 fine-tuning seeds
     python step4_sft/seed_table.py --pretrain_seeds 0 --sft_seeds 0 1 2
     python step4_sft/seed_table.py --label sft1300 --sft_args "--max_steps 1300"   # another recipe
+    python step4_sft/seed_table.py --label smear1200 --pretrain_args "--smear_keys --max_steps 1200"  # another base
     python step4_sft/seed_table.py --label lora8 --lora 8 --sft_seeds 0               # LoRA instead
     python step4_sft/seed_table.py --quick               # seconds: the same at --quick size
 
@@ -20,7 +21,8 @@ fine-tuning a run learns to copy, or that it never does (step4_sft/EXPERIMENTS.m
 Runs already finished are read back, not repeated, so an interrupted table resumes where it
 stopped. Writes, under out/seeds/LABEL/: one folder per run, seed_table.json (every run and the
 summary), seed_table.md (the same as tables) and name_copying.png (the probe over the steps).
-Pretrained bases are shared by every label, in out/seeds/pretrain_seedP/.
+Pretrained bases are shared by every label, in out/seeds/pretrain_seedP/ (with --pretrain_args,
+the label's own, in out/seeds/pretrain_seedP_LABEL/).
 """
 import argparse
 import json
@@ -139,10 +141,12 @@ def shared_flags(args) -> list[str]:
 
 def pretrain(seed: int, args, root: pathlib.Path) -> dict:
     from step3_pretrain import train_pretrain
-    out = root / f"pretrain_seed{seed}"
+    # the default recipe's bases are shared by every label; another pretraining recipe's are its label's
+    out = root / (f"pretrain_seed{seed}" + (f"_{args.label}" if args.pretrain_args else ""))
     row_path = out / "row.json"
     if not row_path.exists():
-        result = train_pretrain.main(["--seed", str(seed), "--out", str(out)] + shared_flags(args))
+        result = train_pretrain.main(["--seed", str(seed), "--out", str(out)] + shared_flags(args)
+                                     + shlex.split(args.pretrain_args))
         row = {k: result[k] for k in ("val_loss", "val_bpb", "train_seconds")}
         row_path.write_text(json.dumps(row, indent=1))
     row = json.loads(row_path.read_text())
@@ -196,11 +200,11 @@ def _cell(key: str, value) -> str:
     return f"{100 * value:.1f} %" if key in SHARES else f"{value:.3f}"
 
 
-def markdown(runs: list[dict], summary: dict, label: str, sft_args: str) -> str:
+def markdown(runs: list[dict], summary: dict, label: str, sft_args: str, pretrain_args: str = "") -> str:
     head = "| pretraining seed | fine-tuning seed | " + " | ".join(h for _, h in COLUMNS) + " |"
     rule = "| --- " * (len(COLUMNS) + 2) + "|"
-    lines = [f"# Seed table: {label}", "", f"Fine-tuning options: `{sft_args or '(the defaults)'}`", "",
-             head, rule]
+    lines = [f"# Seed table: {label}", "", f"Pretraining options: `{pretrain_args or '(the defaults)'}`", "",
+             f"Fine-tuning options: `{sft_args or '(the defaults)'}`", "", head, rule]
     for run in runs:
         lines.append(f"| {run['pretrain_seed']} | {run['sft_seed']} | "
                      + " | ".join(_cell(k, run.get(k)) for k, _ in COLUMNS) + " |")
@@ -255,6 +259,10 @@ def main(argv=None):
     parser.add_argument("--lora", type=int, default=None, metavar="R",
                         help="fine-tune with LoRA of rank R (train_lora.py) instead of full SFT; give it its own --label")
     parser.add_argument("--sft_args", default="", help='more train_sft.py options, in quotes: "--max_steps 1300"')
+    parser.add_argument("--pretrain_args", default="",
+                        help='more train_pretrain.py options, in quotes: "--smear_keys --max_steps 1200" '
+                             '(one option alone: --pretrain_args=--smear_keys); '
+                             "its bases go to out/seeds/pretrain_seedP_LABEL/")
     parser.add_argument("--eval_every", type=int, default=None,
                         help="fine-tuning steps between evaluations and name probes (default 100; quick: 10)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default out/tokenizer.json)")
@@ -282,8 +290,10 @@ def main(argv=None):
                          "probe_copying": base["probe_copying"], **row})
             summary = summarize(runs)  # rewritten after every run: a table to read while the rest train
             (out / "seed_table.json").write_text(json.dumps({"label": args.label, "sft_args": args.sft_args,
+                                                             "pretrain_args": args.pretrain_args,
                                                              "runs": runs, "summary": summary}, indent=1))
-            (out / "seed_table.md").write_text(markdown(runs, summary, args.label, args.sft_args))
+            (out / "seed_table.md").write_text(markdown(runs, summary, args.label, args.sft_args,
+                                                        args.pretrain_args))
             plot_name_copying(runs, out / "name_copying.png")
     print((out / "seed_table.md").read_text())
     print(f"wrote {out / 'seed_table.md'}, {out / 'seed_table.json'} and {out / 'name_copying.png'}")

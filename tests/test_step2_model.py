@@ -393,6 +393,39 @@ def test_stop_tokens_end_generation_and_stream_yields_the_same_tokens():
     assert streamed == stopped
 
 
+@pytest.mark.verifies(2, "with smeared keys, the KV cache gives the same logits and greedy tokens as the full "
+                         "forward, a share of 0 is the plain model and a share of 1 hands each position the "
+                         "previous token's key")
+def test_smeared_keys_cache_and_limits():
+    model = tiny_model(smear_keys=True)
+    torch.manual_seed(4)
+    idx = torch.randint(0, TINY.vocab_size, (2, 20))
+    full, _ = model(idx)
+    cache = KVCache(model.config, batch_size=2)
+    pieces = [model(idx[:, :6], kv_cache=cache)[0], model(idx[:, 6:9], kv_cache=cache)[0]]
+    pieces += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(9, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    prompt = idx[:, :4]
+    assert torch.equal(model.generate(prompt, 20, temperature=0.0, use_cache=True),
+                       model.generate(prompt, 20, temperature=0.0, use_cache=False))
+
+    plain = tiny_model()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".smear")}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.smear.fill_(-1e4)  # sigmoid: exactly 0
+    assert torch.equal(model(idx)[0], plain(idx)[0])
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        attn.smear.fill_(1e4)  # sigmoid: exactly 1
+    k = torch.randn(2, TINY.n_kv_head, 5, TINY.head_dim)
+    shifted = attn.smear_keys(k)
+    assert torch.equal(shifted[:, :, 1:], k[:, :, :-1]) and not shifted[:, :, 0].any()
+    counts = count_parameters(model)
+    assert counts["attention"] == param_formula(model.config)["attention"]
+
+
 def test_allowed_mask_writes_only_allowed_tokens_and_an_all_true_mask_changes_nothing():
     model = tiny_model()
     prompt = torch.randint(0, TINY.vocab_size, (2, 4))

@@ -890,6 +890,12 @@ def test_seed_table_summarizes_its_runs_and_resumes(files, tmp_path, monkeypatch
     assert sum(line.startswith(("| 0 | 0 |", "| 0 | 1 |", "| mean |", "| min |", "| max |"))
                for line in markdown.splitlines()) == 5
 
+    smear = seed_table.main(args[:-5] + ["--sft_seeds", "0", "--sft_args", "--max_steps 10", "--label", "smear",
+                                         "--pretrain_args=--smear_keys"])  # another base: its own folder
+    base = torch.load(table["out"].parent / "pretrain_seed0_smear" / "model.pt", weights_only=True)
+    assert base["config"]["smear_keys"] and any(k.endswith(".smear") for k in base["model"])
+    assert smear["runs"][0]["pretrain_val_loss"] != runs[0]["pretrain_val_loss"]
+
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(train_sft, "main", no_training)
