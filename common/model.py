@@ -224,7 +224,7 @@ class Attention(nn.Module):
         if self.smear is not None:
             before = kv_cache.last_raw_key[self.layer_idx] if kv_cache is not None and kv_cache.length else None
             if kv_cache is not None:
-                kv_cache.last_raw_key[self.layer_idx] = k[:, :, -1:]
+                kv_cache.last_raw_key[self.layer_idx] = k[:, :, -1:].clone()  # not a view of all of k
             k = self.smear_keys(k, before)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

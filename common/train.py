@@ -126,7 +126,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batch_fn, *, device: torch.d
         if not checkpoint_path.exists():
             raise UserError(f"{checkpoint_path}: nothing to resume from; run without --resume first")
         state = load_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # e.g. a model option (--smear_keys, a size) other than the run's
+            raise UserError(f"{checkpoint_path}: its weights do not fit this model "
+                            f"({str(err).splitlines()[0][:160]}); resume with the options it was started with") from None
         optimizer.load_state_dict(state["optimizer"])
         start_step, history = state["step"], state["history"]
         torch.set_rng_state(state["rng"]["torch"])

@@ -33,7 +33,8 @@ def formula_texts(cfg) -> dict:
     V, C, L, d, H = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.head_dim, cfg.ffn_hidden_size()
     return {
         "embedding": f"V*C = {V}*{C}",
-        "attention": f"L*(2*C*n_head*d + 2*C*n_kv_head*d) = {L}*(2*{C}*{cfg.n_head}*{d} + 2*{C}*{cfg.n_kv_head}*{d})",
+        "attention": (f"L*(2*C*n_head*d + 2*C*n_kv_head*d) = {L}*(2*{C}*{cfg.n_head}*{d} + 2*{C}*{cfg.n_kv_head}*{d})"
+                      + (f" + L*n_kv_head = {L}*{cfg.n_kv_head}" if cfg.smear_keys else "")),
         "ffn": f"L*3*C*H = {L}*3*{C}*{H}",
         "norms": f"(2*L+1)*C = {2 * L + 1}*{C}",
         "lm_head": "0 (tied to the embedding)" if cfg.tie_embeddings else f"V*C = {V}*{C}",

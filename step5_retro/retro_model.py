@@ -31,7 +31,7 @@ Usage:
     logits, loss = model(idx, targets)                 # retrieval off: the decoder alone
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -158,7 +158,8 @@ class EncoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, condition: bool):
         super().__init__()
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.attn = BidirectionalSelfAttention(config, layer_idx=0)
+        # no smeared keys here even on a smeared base: a bidirectional encoder has no "token before"
+        self.attn = BidirectionalSelfAttention(replace(config, smear_keys=False), layer_idx=0)
         self.cross_norm = RMSNorm(config.n_embd, config.norm_eps) if condition else None
         self.cross = CrossAttention(config) if condition else None
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
