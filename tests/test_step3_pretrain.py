@@ -95,6 +95,8 @@ def test_resume_is_exact(quick_run, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 15
 
     monkeypatch.setattr(train_pretrain, "random_windows", real_windows)
+    with pytest.raises(UserError, match="weights do not fit this model.*resume with the options it was started"):
+        train_pretrain.main(pretrain_args(quick_run, tmp_path / "ctrl_c", "--resume", "--smear_keys"))
     for name in ("ctrl_c", "killed"):
         train_pretrain.main(pretrain_args(quick_run, tmp_path / name, "--resume"))
         assert losses(tmp_path / name) == reference    # exactly, float for float
