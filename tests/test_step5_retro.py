@@ -219,13 +219,12 @@ def test_reader_writes_only_the_book_s_words(tok):
     expected = set(template) | set(tok.encode_ordinary(question)) | set(tok.encode_ordinary(passages[0]))
     assert set(allowed.nonzero().flatten().tolist()) == expected | {tok.im_end_id}
     assert allowed[tok.encode_ordinary(CONTENT_PREFIX + "Halra lives in Willey.")].all()  # the answer, as replies start
-    assert not allowed[tok.encode_ordinary(" Evergate")].all()                           # a value the book lacks
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, n_kv_head=1,
                                     n_embd=16)).eval()
     prompt = torch.tensor([encode_prompt(tok, open_book_messages(question, passages))])
     favourite, outside = int(model(prompt)[0][0, -1].argmax()), tok.encode_ordinary(" Evergate")[0]
-    assert not allowed[outside]
+    assert not allowed[outside]  # a value the book lacks
     with torch.no_grad():  # make a token the book lacks the model's sure choice: free, it writes it; bound, never
         model.lm_head.weight[outside] = 100 * model.lm_head.weight[favourite]
     free = model.generate(prompt, 12, temperature=0.0)[0, prompt.size(1):].tolist()
